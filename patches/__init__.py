@@ -1,0 +1,30 @@
+"""SGLang seams of the tokenwise safety plugin, one module per seam.
+
+`register` is the `sglang.srt.plugins` entry point. SGLang calls it in every process
+(launcher, scheduler, detokenizer) and may call it more than once: it is idempotent.
+Hooks are inert unless the server was launched with --safety-plugin.
+"""
+from __future__ import annotations
+
+from . import meta_info, openai_trace, server_args, worker_scoring
+
+_HOOKS = (
+    (server_args.ADD_CLI_ARGS, server_args.add_cli_args, "AFTER"),
+    (server_args.FROM_CLI_ARGS, server_args.from_cli_args, "AFTER"),
+    (worker_scoring.TARGET, worker_scoring.after_forward, "AFTER"),
+    (meta_info.UPDATE_META, meta_info.after_update_meta, "AFTER"),
+    (meta_info.GENERATE, meta_info.around_generate, "AROUND"),
+    (openai_trace.CHAT_RESPONSE, openai_trace.after_build_response, "AFTER"),
+    (openai_trace.COMPLETION_RESPONSE, openai_trace.after_build_response, "AFTER"),
+    (openai_trace.CHAT_STREAM, openai_trace.around_stream, "AROUND"),
+    (openai_trace.COMPLETION_STREAM, openai_trace.around_stream, "AROUND"),
+)
+
+
+def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target, hook, kind in _HOOKS:
+        already = any(h is hook for _, h, *_ in HookRegistry._hooks.get(target, []))
+        if not already:
+            HookRegistry.register(target, hook, HookType[kind])

@@ -1,0 +1,88 @@
+"""Seam: SGLang's CLI. Adds the --safety-* flags and validates them at startup.
+
+AFTER hooks on ServerArgs.add_cli_args (declare) and ServerArgs.from_cli_args (copy onto
+the args record as `_tokenwise_safety`, a plain dict that pickles to every child).
+A bad flag or probe stops startup with one line saying what and how to fix it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tokenwise_safety.config import MODES, PLUGINS, ConfigError, SafetyConfig
+from tokenwise_safety.probe import HarmProbe, ProbeError, model_fingerprint
+
+ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
+FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
+ATTR = "_tokenwise_safety"
+
+
+def add_cli_args(result, parser: argparse.ArgumentParser, *args, **kwargs):
+    if any("--safety-plugin" in a.option_strings for a in parser._actions):
+        return result  # the plugin may be loaded twice in one process
+    group = parser.add_argument_group("tokenwise safety plugin")
+    group.add_argument("--safety-plugin", choices=PLUGINS, default=None,
+                       help="Enable the token-wise harm probe on every decoding step.")
+    group.add_argument("--safety-probe", default=None,
+                       help="Probe artifact (.json beside .safetensors). Default: the probe "
+                            "shipped for the bundled Gemma 3 270M.")
+    group.add_argument("--safety-mode", choices=MODES, default="shadow",
+                       help="shadow: score and report, never change a token.")
+    group.add_argument("--safety-threshold", type=float, default=None,
+                       help="P(harmful) at or above which a token counts as harmful "
+                            "(default: the probe's calibrated threshold).")
+    return result
+
+
+def from_cli_args(server_args, cls, args: argparse.Namespace, *a, **kw):
+    if getattr(args, "safety_plugin", None) is None:
+        return server_args
+    try:
+        config = validate(args, server_args.model_path)
+    except (ConfigError, ProbeError) as e:
+        print(f"tokenwise-safety: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    setattr(server_args, ATTR, config)
+    # The probe reads each request's last-position final hidden state, which SGLang
+    # only keeps when capture mode is at least LAST (not shipped to clients unless asked).
+    if server_args.return_hidden_states_mode is None and not server_args.enable_return_hidden_states:
+        server_args.return_hidden_states_mode = "last"
+    return server_args
+
+
+def validate(args: argparse.Namespace, model_path: str) -> dict:
+    """Check flags and probe against the served model; returns the config for children."""
+    probe_path = Path(args.safety_probe) if args.safety_probe else _default_probe()
+    cfg = SafetyConfig(probe_path=probe_path, mode=args.safety_mode, threshold=args.safety_threshold)
+    probe = HarmProbe.load(cfg.probe_path)
+    model_cfg = _read_model_config(model_path)
+    if model_cfg is not None:
+        hidden = model_cfg.get("text_config", model_cfg).get("hidden_size")
+        if hidden != probe.meta.hidden_size:
+            raise ProbeError(f"probe {cfg.probe_path} is for hidden size {probe.meta.hidden_size}, "
+                             f"model {model_path} has {hidden}: calibrate a probe for this model "
+                             "(python -m tokenwise_safety.calibrate --model ...)")
+        fp = model_fingerprint(model_cfg)
+        if fp != probe.meta.model_fingerprint:
+            raise ProbeError(f"probe {cfg.probe_path} was calibrated on model {probe.meta.model_fingerprint}, "
+                             f"served model is {fp}: calibrate a probe for this model "
+                             "(python -m tokenwise_safety.calibrate --model ...)")
+    if probe.meta.layer != -1:
+        raise ProbeError(f"probe {cfg.probe_path} reads layer {probe.meta.layer}; the server captures "
+                         "only the final layer: calibrate with --layers -1")
+    return {"probe_path": str(cfg.probe_path), "mode": cfg.mode,
+            "threshold": cfg.threshold if cfg.threshold is not None else probe.threshold}
+
+
+def _default_probe() -> Path:
+    from tokenwise_safety.bundled import PROBE_PATH
+    return PROBE_PATH
+
+
+def _read_model_config(model_path: str) -> dict | None:
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        return None  # a hub id: SGLang resolves it later; the probe is checked on hidden size at load
+    return json.loads(path.read_text())

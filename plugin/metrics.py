@@ -1,0 +1,52 @@
+"""Prometheus metrics, created lazily in the process that records them.
+
+SGLang exports metrics from every process through prometheus_client's multiprocess
+collector; metrics must therefore be created after PROMETHEUS_MULTIPROC_DIR is set,
+i.e. in the child process on first use, not at import.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+@functools.cache
+def _metrics():
+    from prometheus_client import Counter, Histogram
+    return {
+        "scores": Histogram("tokenwise_safety_token_harm_score",
+                            "Probe P(harmful) of every scored decoding position",
+                            buckets=SCORE_BUCKETS),
+        "flagged": Counter("tokenwise_safety_flagged_requests",
+                           "Finished requests with at least one position at or over the threshold"),
+        "probe_seconds": Histogram("tokenwise_safety_probe_seconds",
+                                   "Host time of the probe per forward step (whole batch)",
+                                   buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
+    }
+
+
+def observe_scores(scores: list[float]) -> None:
+    """Add a batch of scores to the histogram with one update per bucket, not per score.
+
+    prometheus_client has no bulk observe; its Histogram keeps one counter per bucket
+    (non-cumulative) plus a sum, which is what we update.
+    """
+    hist = _metrics()["scores"]
+    edges = np.asarray(hist._upper_bounds)
+    counts = np.bincount(np.searchsorted(edges, np.asarray(scores), side="left"),
+                         minlength=len(edges))
+    for bucket, count in zip(hist._buckets, counts):
+        if count:
+            bucket.inc(int(count))
+    hist._sum.inc(float(np.sum(scores)))
+
+
+def observe_probe_seconds(seconds: float) -> None:
+    _metrics()["probe_seconds"].observe(seconds)
+
+
+def count_flagged_request() -> None:
+    _metrics()["flagged"].inc()

@@ -1,0 +1,159 @@
+"""Harm probe: standardise -> PCA(k) -> logistic head, folded into one affine map.
+
+The artifact is a safetensors file (the fitted pieces, kept separate so calibration can
+be inspected and re-fitted) plus a JSON file of metadata. At load time the pieces fold
+into one weight vector and bias, so scoring a batch is a single matmul:
+
+    logit = ((h - mean) / scale - pca_mean) @ components.T @ coef + intercept
+          = h @ w + b,   w = components.T @ coef / scale,
+                         b = intercept - (mean / scale + pca_mean) @ components.T @ coef
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSOR_NAMES = ("mean", "scale", "pca_mean", "components", "coef", "intercept")
+FORMAT_VERSION = 1
+
+
+class ProbeError(ValueError):
+    """A probe artifact that cannot be used; the message says what and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeMeta:
+    model_fingerprint: str
+    layer: int  # hidden_states index as transformers counts it; -1 = final (post-norm)
+    hidden_size: int
+    k: int
+    threshold: float
+    metrics: dict
+    provenance: dict
+    tensors_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fold(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """Fold the fitted pieces into (w [H], b), computed in float64."""
+    t = {name: tensors[name].to(torch.float64) for name in TENSOR_NAMES}
+    direction = t["components"].T @ t["coef"]  # [H]
+    w = direction / t["scale"]
+    b = t["intercept"].reshape(()) - (t["mean"] / t["scale"] + t["pca_mean"] @ t["components"]) @ direction
+    return w, float(b)
+
+
+class HarmProbe:
+    """Immutable, shared by every request: scores hidden states [N, H] -> P(harmful) [N]."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: ProbeMeta):
+        self.tensors = tensors
+        self.meta = meta
+        w64, self.bias = fold(tensors)
+        self.weight64 = w64
+        self._weights: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def threshold(self) -> float:
+        return self.meta.threshold
+
+    def weight(self, device, dtype) -> torch.Tensor:
+        """Folded weight on (device, dtype), cached: no per-step host->device copy."""
+        key = (str(device), dtype)
+        if key not in self._weights:
+            self._weights[key] = self.weight64.to(device=device, dtype=dtype)
+        return self._weights[key]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, H] any float dtype -> logits [N] float32 (one matvec)."""
+        if hidden.shape[-1] != self.meta.hidden_size:
+            raise ProbeError(
+                f"hidden size {hidden.shape[-1]} != probe hidden size {self.meta.hidden_size}")
+        # bf16 matvec would round the logit to ~2 significant digits; fp32 costs nothing here.
+        w = self.weight(hidden.device, torch.float32)
+        return hidden.to(torch.float32) @ w + self.bias
+
+    def score(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(hidden))
+
+    # ---- artifact I/O -------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write <path>.safetensors and <path>.json; returns the JSON path."""
+        base = Path(path).with_suffix("")
+        tensor_path = base.with_suffix(".safetensors")
+        save_file({k: v.contiguous().to(torch.float32) for k, v in self.tensors.items()},
+                  str(tensor_path))
+        meta = dataclasses.replace(self.meta, tensors_sha256=sha256_file(tensor_path))
+        meta_path = base.with_suffix(".json")
+        meta_path.write_text(json.dumps(dataclasses.asdict(meta), indent=2, sort_keys=True) + "\n")
+        return meta_path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HarmProbe":
+        base = Path(path).with_suffix("")
+        meta_path, tensor_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
+        hint = "re-run `python -m tokenwise_safety.calibrate` or pass --safety-probe PATH"
+        for p in (meta_path, tensor_path):
+            if not p.is_file():
+                raise ProbeError(f"safety probe file not found: {p} ({hint})")
+        try:
+            raw = json.loads(meta_path.read_text())
+            meta = ProbeMeta(**raw)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ProbeError(f"safety probe metadata {meta_path} is corrupt: {e} ({hint})") from e
+        if meta.format_version != FORMAT_VERSION:
+            raise ProbeError(f"safety probe {meta_path} has format {meta.format_version}, "
+                             f"this plugin reads {FORMAT_VERSION} ({hint})")
+        actual = sha256_file(tensor_path)
+        if actual != meta.tensors_sha256:
+            raise ProbeError(f"safety probe tensors {tensor_path} are corrupt: sha256 {actual[:12]}... "
+                             f"!= {meta.tensors_sha256[:12]}... recorded in {meta_path.name} ({hint})")
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as e:  # safetensors raises its own error types
+            raise ProbeError(f"safety probe tensors {tensor_path} unreadable: {e} ({hint})") from e
+        _check_shapes(tensors, meta, tensor_path)
+        return cls(tensors, meta)
+
+
+def _check_shapes(tensors, meta: ProbeMeta, where) -> None:
+    missing = [n for n in TENSOR_NAMES if n not in tensors]
+    if missing:
+        raise ProbeError(f"safety probe {where} lacks tensors {missing}")
+    h, k = meta.hidden_size, meta.k
+    expected = {"mean": (h,), "scale": (h,), "pca_mean": (k,), "components": (k, h),
+                "coef": (k,), "intercept": (1,)}
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ProbeError(f"safety probe {where}: tensor {name} has shape "
+                             f"{tuple(tensors[name].shape)}, metadata implies {shape}")
+    if not all(math.isfinite(x) for x in tensors["coef"].tolist()):
+        raise ProbeError(f"safety probe {where}: non-finite coefficients")
+
+
+def model_fingerprint(config: dict) -> str:
+    """Identity of a served model's architecture and vocabulary, from its config.json.
+
+    It catches a probe used on a different model family or size (the hidden states would
+    be meaningless); it cannot tell two fine-tunes of one base apart.
+    """
+    text_cfg = config.get("text_config", config)
+    keys = ("architectures", "model_type", "hidden_size", "num_hidden_layers",
+            "intermediate_size", "num_attention_heads", "vocab_size")
+    ident = {k: config.get(k, text_cfg.get(k)) for k in keys}
+    blob = json.dumps(ident, sort_keys=True).encode()
+    return "cfg-sha256:" + hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,66 @@
+"""Per-step batched scoring: hidden states of the whole batch -> harm scores, one matvec."""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from tokenwise_safety.probe import HarmProbe
+
+
+class HostScores(Sequence):
+    """Scores of one step, indexable per request as Python floats.
+
+    On CUDA the device->host copy is started non-blocking into pinned memory and read
+    lazily: SGLang reads customized_info only after waiting on the step's copy_done
+    event, which is recorded after this copy on the same stream, so the values are
+    complete by then and the forward never syncs for them.
+    """
+
+    def __init__(self, scores: torch.Tensor, on_ready: Callable[[list[float]], None] | None = None):
+        self._on_ready = on_ready
+        self._list = None
+        if scores.device.type == "cpu":
+            self._host = scores
+        else:
+            self._host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+            self._host.copy_(scores, non_blocking=True)
+
+    def _values(self) -> list[float]:
+        if self._list is None:
+            self._list = self._host.tolist()
+            if self._on_ready is not None:
+                self._on_ready(self._list)
+        return self._list
+
+    def __getitem__(self, i):
+        return self._values()[i]
+
+    def __len__(self) -> int:
+        return self._host.shape[0]
+
+
+def last_positions(hidden: torch.Tensor, extend_lens: Sequence[int] | None) -> torch.Tensor:
+    """Rows of `hidden` that are each request's last position.
+
+    hidden holds one row per request (capture mode LAST, or decode) or, in FULL mode
+    during prefill, one row per extended token; extend_lens then says how many.
+    """
+    if extend_lens is None or hidden.shape[0] == len(extend_lens):
+        return hidden
+    lens = torch.as_tensor(list(extend_lens), device=hidden.device)
+    return hidden[torch.cumsum(lens, 0) - 1]
+
+
+class StepScorer:
+    """Shared across requests: scores each forward pass's batch."""
+
+    def __init__(self, probe: HarmProbe, threshold: float, mode: str):
+        self.probe, self.threshold, self.mode = probe, threshold, mode
+
+    def score_step(self, hidden: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """hidden [N, H] -> (scores [N] float32 on hidden's device, host seconds)."""
+        start = time.perf_counter()
+        scores = self.probe.score(hidden)
+        return scores, time.perf_counter() - start

@@ -53,7 +53,7 @@ def fold(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
     t = {name: tensors[name].to(torch.float64) for name in TENSOR_NAMES}
     direction = t["components"].T @ t["coef"]  # [H]
     w = direction / t["scale"]
-    b = t["intercept"].reshape(()) - (t["mean"] / t["scale"] + t["pca_mean"] @ t["components"]) @ direction
+    b = t["intercept"].reshape(()) - (t["mean"] / t["scale"] + t["pca_mean"]) @ direction
     return w, float(b)
 
 
@@ -135,7 +135,7 @@ def _check_shapes(tensors, meta: ProbeMeta, where) -> None:
     if missing:
         raise ProbeError(f"safety probe {where} lacks tensors {missing}")
     h, k = meta.hidden_size, meta.k
-    expected = {"mean": (h,), "scale": (h,), "pca_mean": (k,), "components": (k, h),
+    expected = {"mean": (h,), "scale": (h,), "pca_mean": (h,), "components": (k, h),
                 "coef": (k,), "intercept": (1,)}
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:

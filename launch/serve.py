@@ -1,0 +1,39 @@
+"""The embedded default: serve the bundled Gemma 3 270M with the plugin on 127.0.0.1.
+
+    python -m tokenwise_safety.launch.serve [--port 30000] [extra sglang flags...]
+
+Prepares the model if needed, starts `python -m sglang.launch_server ... --safety-plugin
+tokenwise`, prints the URL when it answers, and runs until interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from tokenwise_safety.bundled import PROBE_PATH, prepare
+from tokenwise_safety.launch.server import Server
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument("--safety-mode", default="shadow")
+    args, extra = ap.parse_known_args(argv)
+    model = prepare()
+    server = Server(model, safety=["--safety-probe", str(PROBE_PATH), "--safety-mode", args.safety_mode],
+                    extra=extra, port=args.port, inherit_output=True, timeout=600)
+    print(f"[tokenwise serve] starting: {' '.join(server.cmd)}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.start()
+        print(f"[tokenwise serve] ready: {server.url}   try: curl {server.url}/generate "
+              "-H 'Content-Type: application/json' -d '{\"text\": \"Hello\"}'", flush=True)
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Start and stop a real SGLang server (CPU engine where there is no GPU).
+
+Used by the embedded default (`python -m tokenwise_safety.launch.serve`), the tests,
+the benchmark and the evaluation harness. Stops the server by PID, whole process group.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def server_command(model_path, port, safety: list[str] | None, extra: list[str] = ()) -> list[str]:
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+           "--host", "127.0.0.1", "--port", str(port)]
+    if not has_cuda():
+        # Without --max-total-tokens the CPU engine reserves a very large KV pool.
+        cmd += ["--device", "cpu", "--max-total-tokens", "16384"]
+    if safety is not None:
+        cmd += ["--safety-plugin", "tokenwise", *safety]
+    return cmd + list(extra)
+
+
+def server_env() -> dict:
+    env = dict(os.environ)
+    if not has_cuda():
+        env.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+        # On few cores, OpenMP oversubscription costs far more than it gains.
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+class Server:
+    """A running `sglang.launch_server`; `with Server(...) as s: requests.post(s.url + ...)`."""
+
+    def __init__(self, model_path, safety: list[str] | None = None, extra: list[str] = (),
+                 port: int | None = None, log_path: str | Path | None = None, timeout: float = 300,
+                 inherit_output: bool = False):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = server_command(model_path, self.port, safety, extra)
+        self.log_path = Path(log_path) if log_path else None
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+        self.inherit_output = inherit_output
+
+    def start(self) -> "Server":
+        if self.inherit_output:
+            out, err = None, None
+        else:
+            out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+            err = subprocess.STDOUT
+        self.proc = subprocess.Popen(self.cmd, env=server_env(), stdout=out, stderr=err,
+                                     start_new_session=True)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before ready: "
+                                   f"{' '.join(self.cmd)}\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"server not ready after {self.timeout}s\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        if self.log_path and self.log_path.exists():
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        return "(no log)"
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait()
+        # Children (scheduler, detokenizer) share the group; make sure none outlive it.
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

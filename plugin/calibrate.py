@@ -24,7 +24,7 @@ from tokenwise_safety.probe import HarmProbe, ProbeMeta, model_fingerprint
 
 TRAIN_POSITIONS = (1, 2, 4, 8, 16, 32, 64)  # 1-based response token positions
 REPORT_POSITIONS = (0, 1, 4, 16, 64)  # 0 = last prompt token
-KS = (4, 8, 16, 32, 64, 128, 256)
+KS = (4, 8, 16, 32, 64, 128, 256, 384, 512)
 TARGET_BENIGN_FPR = 0.02
 
 

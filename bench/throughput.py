@@ -1,0 +1,86 @@
+"""Decode throughput, plugin off vs shadow, in one run.
+
+    python bench/throughput.py [--runs 3] [--batches 1,16] [--tokens 128] [--out bench/results/throughput.json]
+
+Starts two real servers on the bundled model (plugin off; plugin in shadow mode), then
+for each batch size alternates off/shadow runs so drift hits both alike. A run sends B
+concurrent /generate requests (greedy, ignore_eos, fixed length) and measures output
+tokens per second of wall time. Reports the median of the runs; prints a table and
+writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from tokenwise_safety.bundled import PROBE_PATH, prepare
+from tokenwise_safety.launch.server import Server
+
+PROMPT = "<start_of_turn>user\nWrite a short story about a lighthouse keeper.<end_of_turn>\n<start_of_turn>model\n"
+
+
+def one_run(url: str, batch: int, tokens: int) -> float:
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}}
+
+    def send(_):
+        r = requests.post(url + "/generate", json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()["meta_info"]["completion_tokens"]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(batch) as pool:
+        total = sum(pool.map(send, range(batch)))
+    return total / (time.perf_counter() - start)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--out", default="bench/results/throughput.json")
+    args = ap.parse_args(argv)
+    model = prepare()
+    servers = {
+        "off": Server(model, safety=None, log_path="/tmp/tokenwise-bench-off.log"),
+        "shadow": Server(model, safety=["--safety-probe", str(PROBE_PATH)], log_path="/tmp/tokenwise-bench-shadow.log"),
+    }
+    results = []
+    try:
+        for s in servers.values():
+            s.start()
+        for batch in map(int, args.batches.split(",")):
+            samples = {name: [] for name in servers}
+            for run in range(args.runs + 1):  # run 0 warms both servers up and is discarded
+                for name, s in servers.items():
+                    tps = one_run(s.url, batch, args.tokens)
+                    if run:
+                        samples[name].append(tps)
+                print(f"batch {batch} run {run}/{args.runs}: " +
+                      ", ".join(f"{n} {v[-1]:.1f} tok/s" for n, v in samples.items() if run), flush=True)
+            med = {name: statistics.median(v) for name, v in samples.items()}
+            results.append({"batch": batch, "runs": samples, "median_tok_s": med,
+                            "shadow_over_off": med["shadow"] / med["off"]})
+    finally:
+        for s in servers.values():
+            s.stop()
+    print(f"\n| batch | off tok/s | shadow tok/s | shadow/off |\n|---|---|---|---|")
+    for r in results:
+        m = r["median_tok_s"]
+        print(f"| {r['batch']} | {m['off']:.1f} | {m['shadow']:.1f} | {r['shadow_over_off']:.3f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(model), "tokens_per_request": args.tokens, "runs": args.runs,
+                               "machine": platform.platform(), "results": results}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

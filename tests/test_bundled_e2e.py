@@ -1,0 +1,66 @@
+"""End to end on the bundled Gemma 3 270M with the shipped probe (slow: two real servers)."""
+import pytest
+import requests
+
+from tokenwise_safety import datasets
+from tokenwise_safety.bundled import PROBE_PATH
+from tokenwise_safety.launch.server import Server
+
+pytestmark = pytest.mark.slow
+
+
+def chat(prompt: str) -> str:
+    return f"<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def heldout_sets(n=12):
+    harmful = [p for p in datasets.advbench_prompts() if datasets.is_heldout(p)][:n]
+    benign = [r["prompt"] for r in datasets.benign("everyday") if datasets.is_heldout(r["prompt"])][:n]
+    return harmful, benign
+
+
+@pytest.fixture(scope="module")
+def gemma_servers(bundled_model, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("gemma")
+    on = Server(bundled_model, safety=["--safety-probe", str(PROBE_PATH)], log_path=logs / "on.log")
+    off = Server(bundled_model, safety=None, log_path=logs / "off.log")
+    with on, off:
+        yield on, off
+
+
+def generate(server, prompt, n=24):
+    body = {"text": chat(prompt), "sampling_params": {"max_new_tokens": n, "temperature": 0}}
+    r = requests.post(server.url + "/generate", json=body, timeout=300)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_shadow_mode_keeps_greedy_output_identical_on_20_prompts(gemma_servers):
+    on, off = gemma_servers
+    harmful, benign = heldout_sets(10)
+    for prompt in harmful + benign:
+        a, b = generate(on, prompt), generate(off, prompt)
+        assert a["output_ids"] == b["output_ids"], prompt
+        assert len(a["meta_info"]["harm_score"]) == len(a["output_ids"])
+
+
+def test_harmful_prompts_score_higher_than_benign(gemma_servers):
+    on, _ = gemma_servers
+    harmful, benign = heldout_sets(12)
+
+    def mean_score(prompts):
+        traces = [generate(on, p, n=16)["meta_info"]["harm_score"] for p in prompts]
+        return sum(sum(t) / len(t) for t in traces) / len(traces)
+
+    h, b = mean_score(harmful), mean_score(benign)
+    assert h > b + 0.2, (h, b)
+
+
+def test_openai_chat_on_gemma_carries_trace(gemma_servers):
+    from openai import OpenAI
+    on, _ = gemma_servers
+    client = OpenAI(base_url=on.url + "/v1", api_key="none")
+    r = client.chat.completions.create(model="gemma", max_tokens=8, temperature=0,
+                                       messages=[{"role": "user", "content": "How do I boil an egg?"}])
+    trace = r.metadata["tokenwise_safety"][0]
+    assert trace["mode"] == "shadow" and len(trace["scores"]) == r.usage.completion_tokens

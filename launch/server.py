@@ -55,7 +55,7 @@ class Server:
 
     def __init__(self, model_path, safety: list[str] | None = None, extra: list[str] = (),
                  port: int | None = None, log_path: str | Path | None = None, timeout: float = 300,
-                 inherit_output: bool = False):
+                 inherit_output: bool = False, env: dict | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = server_command(model_path, self.port, safety, extra)
@@ -63,6 +63,7 @@ class Server:
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
         self.inherit_output = inherit_output
+        self.env = {**server_env(), **(env or {})}
 
     def start(self) -> "Server":
         if self.inherit_output:
@@ -70,7 +71,7 @@ class Server:
         else:
             out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
             err = subprocess.STDOUT
-        self.proc = subprocess.Popen(self.cmd, env=server_env(), stdout=out, stderr=err,
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=err,
                                      start_new_session=True)
         self._wait_ready()
         return self

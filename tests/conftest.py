@@ -61,6 +61,18 @@ def tiny_server_off(tiny_model, tmp_path_factory):
         yield server
 
 
+# SGLANG_PLUGINS is SGLang's whitelist of entry points to load: naming none of ours
+# gives stock SGLang in the same venv.
+STOCK_ENV = {"SGLANG_PLUGINS": "no-such-plugin"}
+
+
+@pytest.fixture(scope="session")
+def tiny_server_stock(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "tiny_stock.log"
+    with Server(tiny_model, safety=None, extra=TINY_SERVER_FLAGS, log_path=log, env=STOCK_ENV) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def bundled_model() -> Path:
     from tokenwise_safety.bundled import prepare

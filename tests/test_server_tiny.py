@@ -71,11 +71,14 @@ def test_concurrent_requests_get_their_own_traces(tiny_server):
         np.testing.assert_allclose(a["meta_info"]["harm_score"], b["meta_info"]["harm_score"], atol=1e-4)
 
 
-def test_shadow_mode_never_changes_a_token(tiny_server, tiny_server_off):
+def test_shadow_mode_never_changes_a_token(tiny_server, tiny_server_off, tiny_server_stock):
     for prompt in PROMPTS:
         on, off = generate(tiny_server, prompt), generate(tiny_server_off, prompt)
-        assert on["output_ids"] == off["output_ids"], prompt
-        assert "harm_score" not in off["meta_info"] and "tokenwise_safety" not in off["meta_info"]
+        stock = generate(tiny_server_stock, prompt)
+        assert on["output_ids"] == off["output_ids"] == stock["output_ids"], prompt
+        assert on["text"] == off["text"] == stock["text"]
+        for out in (off, stock):
+            assert "harm_score" not in out["meta_info"] and "tokenwise_safety" not in out["meta_info"]
 
 
 def test_generate_stream_carries_summary_in_final_chunk(tiny_server):

@@ -10,9 +10,10 @@ from conftest import random_probe
 from tokenwise_safety.launch.server import server_command, server_env
 
 
-def launch(model, *flags, timeout=180):
+def launch(model, *flags, timeout=180, env=None):
     cmd = server_command(model, 1, safety=None) + list(flags)
-    return subprocess.run(cmd, env=server_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env={**server_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def error_line(proc):
@@ -62,6 +63,13 @@ def test_threshold_out_of_range(tiny_model, tiny_probe):
                   "--safety-threshold", "1.5")
     assert proc.returncode == 2
     assert "--safety-threshold 1.5 must lie strictly between 0 and 1" in error_line(proc)
+
+
+def test_stock_sglang_does_not_know_the_flag(tiny_model):
+    from conftest import STOCK_ENV
+    proc = launch(tiny_model, "--safety-plugin", "tokenwise", env=STOCK_ENV)
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --safety-plugin tokenwise" in error_line(proc)
 
 
 def test_help_lists_the_flags():

@@ -6,12 +6,18 @@ Hooks are inert unless the server was launched with --safety-plugin.
 """
 from __future__ import annotations
 
-from . import meta_info, openai_trace, server_args, worker_scoring
+from . import enforce, meta_info, openai_trace, server_args, worker_scoring
 
 _HOOKS = (
     (server_args.ADD_CLI_ARGS, server_args.add_cli_args, "AFTER"),
     (server_args.FROM_CLI_ARGS, server_args.from_cli_args, "AFTER"),
+    (worker_scoring.TARGET, worker_scoring.before_forward, "BEFORE"),
     (worker_scoring.TARGET, worker_scoring.after_forward, "AFTER"),
+    (enforce.SAMPLER_PREPROCESS, enforce.after_sampler_preprocess, "AFTER"),
+    (enforce.UPDATE_CACHE, enforce.after_update_cache, "AFTER"),
+    (enforce.COLLECT_INFO, enforce.after_collect_info, "AFTER"),
+    (enforce.UPDATE_FINISH, enforce.around_update_finish, "AROUND"),
+    (enforce.STREAM_OUTPUT, enforce.around_stream_output, "AROUND"),
     (meta_info.UPDATE_META, meta_info.after_update_meta, "AFTER"),
     (meta_info.GENERATE, meta_info.around_generate, "AROUND"),
     (openai_trace.CHAT_RESPONSE, openai_trace.after_build_response, "AFTER"),

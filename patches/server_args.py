@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from tokenwise_safety.config import MODES, PLUGINS, ConfigError, SafetyConfig
+from tokenwise_safety.config import DEFAULT_PIVOT, MODES, PLUGINS, ConfigError, SafetyConfig
+from tokenwise_safety.policy import OVERRIDE_KEY_ENV
 from tokenwise_safety.probe import HarmProbe, ProbeError, model_fingerprint
 
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
@@ -29,10 +31,27 @@ def add_cli_args(result, parser: argparse.ArgumentParser, *args, **kwargs):
                        help="Probe artifact (.json beside .safetensors). Default: the probe "
                             "shipped for the bundled Gemma 3 270M.")
     group.add_argument("--safety-mode", choices=MODES, default="shadow",
-                       help="shadow: score and report, never change a token.")
+                       help="shadow: score and report, never change a token. enforce: veto tokens "
+                            "scored over the threshold and re-draw them (or steer in the pivot).")
     group.add_argument("--safety-threshold", type=float, default=None,
                        help="P(harmful) at or above which a token counts as harmful "
                             "(default: the probe's calibrated threshold).")
+    group.add_argument("--safety-top-k", type=int, default=20,
+                       help="Candidates of the parent distribution kept for a re-draw; when all "
+                            "are vetoed the pivot is used.")
+    group.add_argument("--safety-max-vetoes", type=int, default=3,
+                       help="Vetoes at one position before the pivot is steered in.")
+    group.add_argument("--safety-pivot", default=DEFAULT_PIVOT,
+                       help="Safe redirect forced into the answer when no safe candidate remains "
+                            "or the prompt itself scores over the threshold; the model continues it.")
+    group.add_argument("--safety-client-override", action="store_true",
+                       help=f"Let requests loosen the policy when they present the key in ${OVERRIDE_KEY_ENV}.")
+    group.add_argument("--safety-keep-overlap-schedule", action="store_true",
+                       help="Shadow only: keep SGLang's overlap scheduler (requests then cannot "
+                            "ask for enforce). By default the plugin disables it.")
+    group.add_argument("--safety-scorer", default="probe",
+                       help="'probe' (default) or 'token-ids:ID,...' (flags those token ids; for "
+                            "testing the commit mechanism).")
     return result
 
 
@@ -45,6 +64,10 @@ def from_cli_args(server_args, cls, args: argparse.Namespace, *a, **kw):
         print(f"tokenwise-safety: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     setattr(server_args, ATTR, config)
+    if not config["keep_overlap"]:
+        # Enforcement rolls back a vetoed token before the next step is prepared, which
+        # the overlap scheduler (step k+1 launched before step k is processed) forbids.
+        server_args.disable_overlap_schedule = True
     # The probe reads each request's last-position final hidden state, which SGLang
     # only keeps when capture mode is at least LAST (not shipped to clients unless asked).
     if server_args.return_hidden_states_mode is None and not server_args.enable_return_hidden_states:
@@ -55,7 +78,16 @@ def from_cli_args(server_args, cls, args: argparse.Namespace, *a, **kw):
 def validate(args: argparse.Namespace, model_path: str) -> dict:
     """Check flags and probe against the served model; returns the config for children."""
     probe_path = Path(args.safety_probe) if args.safety_probe else _default_probe()
-    cfg = SafetyConfig(probe_path=probe_path, mode=args.safety_mode, threshold=args.safety_threshold)
+    cfg = SafetyConfig(probe_path=probe_path, mode=args.safety_mode, threshold=args.safety_threshold,
+                       top_k=args.safety_top_k, max_vetoes=args.safety_max_vetoes, pivot=args.safety_pivot,
+                       keep_overlap=args.safety_keep_overlap_schedule,
+                       client_override=args.safety_client_override, scorer=args.safety_scorer)
+    if cfg.client_override and not os.environ.get(OVERRIDE_KEY_ENV):
+        raise ConfigError(f"--safety-client-override needs the key in the environment: "
+                          f"export {OVERRIDE_KEY_ENV}=<secret>")
+    if getattr(args, "speculative_algorithm", None):
+        raise ConfigError("--safety-plugin does not support speculative decoding yet "
+                          "(drop --speculative-algorithm)")
     probe = HarmProbe.load(cfg.probe_path)
     model_cfg = _read_model_config(model_path)
     if model_cfg is not None:
@@ -73,7 +105,10 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
         raise ProbeError(f"probe {cfg.probe_path} reads layer {probe.meta.layer}; the server captures "
                          "only the final layer: calibrate with --layers -1")
     return {"probe_path": str(cfg.probe_path), "mode": cfg.mode,
-            "threshold": cfg.threshold if cfg.threshold is not None else probe.threshold}
+            "threshold": cfg.threshold if cfg.threshold is not None else probe.threshold,
+            "top_k": cfg.top_k, "max_vetoes": cfg.max_vetoes, "pivot": cfg.pivot,
+            "keep_overlap": cfg.keep_overlap, "enforce_possible": not cfg.keep_overlap,
+            "client_override": cfg.client_override, "scorer": cfg.scorer}
 
 
 def _default_probe() -> Path:

@@ -4,50 +4,76 @@ AFTER hook on TpModelWorker.forward_batch_generation: it runs once per forward, 
 without CUDA graphs (code inside the captured model forward would not re-run on replay).
 The final-layer hidden states SGLang keeps in capture mode LAST are scored for the whole
 batch in one matvec and attached as customized_info, which SGLang appends per request
-and returns in meta_info["harm_score"] (one value per output token).
+and returns in meta_info["harm_score"] (one value per output token). Enforced requests
+then go through the commit step (patches/enforce.py). A BEFORE hook arms the capture of
+the parent distribution when the batch holds an enforced request.
 """
 from __future__ import annotations
 
 import logging
 
 from tokenwise_safety import metrics
+from tokenwise_safety.policy import POLICY_KEY
 from tokenwise_safety.probe import HarmProbe
-from tokenwise_safety.scoring import HostScores, StepScorer, last_positions
+from tokenwise_safety.scoring import HostScores, last_positions, make_scorer
 from tokenwise_safety.trace import TRACE_KEY
 
+from . import enforce
 from .server_args import ATTR
 
 TARGET = "sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation"
 logger = logging.getLogger(__name__)
 
 
-def _scorer(worker) -> StepScorer | None:
-    """The worker's scorer, built once from the launch config (None: plugin off)."""
-    if not hasattr(worker, "_tokenwise_scorer"):
+def _config(worker) -> dict | None:
+    """The launch config, with the scorer built once per worker (None: plugin off)."""
+    if not hasattr(worker, "_tokenwise"):
         config = getattr(worker.server_args, ATTR, None)
-        scorer = None
         if config is not None:
-            probe = HarmProbe.load(config["probe_path"])
-            scorer = StepScorer(probe, config["threshold"], config["mode"])
-            logger.info("tokenwise safety: %s mode, probe %s, threshold %.3f",
-                        config["mode"], config["probe_path"], config["threshold"])
-        worker._tokenwise_scorer = scorer
-    return worker._tokenwise_scorer
+            config = dict(config, scorer_obj=make_scorer(config["scorer"], HarmProbe.load(config["probe_path"])))
+            logger.info("tokenwise safety: %s mode, probe %s, threshold %.3f, scorer %s",
+                        config["mode"], config["probe_path"], config["threshold"], config["scorer"])
+        worker._tokenwise = config
+    return worker._tokenwise
+
+
+def _wants_enforce(req, config) -> bool:
+    st = enforce.state_of(req)
+    if st is not None:
+        return st.policy.enforce
+    policy = (req.sampling_params.custom_params or {}).get(POLICY_KEY) or {}
+    return policy.get("mode", config["mode"]) == "enforce"
+
+
+def _scorable(batch, kwargs, args) -> bool:
+    # Speculative verify and forward-batch-only calls are not scored here yet.
+    return batch is not None and not kwargs.get("is_verify") and not (args[2:3] and args[2])
+
+
+def before_forward(worker, batch=None, *args, **kwargs):
+    """Arm the parent-distribution capture for this step if a request may be vetoed."""
+    config = _config(worker)
+    if config is not None and _scorable(batch, kwargs, args):
+        armed = config["enforce_possible"] and any(_wants_enforce(r, config) for r in batch.reqs)
+        enforce.arm(config["top_k"] if armed else 0)
+    return None
 
 
 def after_forward(result, worker, batch=None, *args, **kwargs):
-    # Speculative verify and forward-batch-only calls are not scored here yet.
-    if batch is None or kwargs.get("is_verify") or (args[2:3] and args[2]):
-        return result
-    scorer = _scorer(worker)
+    config = _config(worker)
     logits_output = getattr(result, "logits_output", None)
-    if scorer is None or logits_output is None or logits_output.hidden_states is None:
+    if config is None or not _scorable(batch, kwargs, args) or logits_output is None \
+            or logits_output.hidden_states is None:
         return result
     extend_lens = batch.extend_lens if batch.forward_mode.is_extend() else None
     hidden = last_positions(logits_output.hidden_states, extend_lens)
-    scores, seconds = scorer.score_step(hidden)
+    input_ids = None
+    if batch.input_ids is not None:
+        input_ids = last_positions(batch.input_ids[:, None], extend_lens)[:, 0]
+    scores, seconds = config["scorer_obj"].score_step(hidden, input_ids)
     metrics.observe_probe_seconds(seconds)
     info = logits_output.customized_info or {}
     info[TRACE_KEY] = HostScores(scores, on_ready=metrics.observe_scores)
+    enforce.apply(worker, batch, result, scores, config, info)
     logits_output.customized_info = info
     return result

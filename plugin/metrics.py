@@ -22,6 +22,8 @@ def _metrics():
                             buckets=SCORE_BUCKETS),
         "flagged": Counter("tokenwise_safety_flagged_requests",
                            "Finished requests with at least one position at or over the threshold"),
+        "vetoes": Counter("tokenwise_safety_vetoes", "Pending tokens vetoed and re-drawn"),
+        "pivots": Counter("tokenwise_safety_pivots", "Safe pivots steered in"),
         "probe_seconds": Histogram("tokenwise_safety_probe_seconds",
                                    "Host time of the probe per forward step (whole batch)",
                                    buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
@@ -50,3 +52,11 @@ def observe_probe_seconds(seconds: float) -> None:
 
 def count_flagged_request() -> None:
     _metrics()["flagged"].inc()
+
+
+def count_veto() -> None:
+    _metrics()["vetoes"].inc()
+
+
+def count_pivot() -> None:
+    _metrics()["pivots"].inc()

@@ -54,13 +54,35 @@ def last_positions(hidden: torch.Tensor, extend_lens: Sequence[int] | None) -> t
 
 
 class StepScorer:
-    """Shared across requests: scores each forward pass's batch."""
+    """Shared across requests: scores each forward pass's batch with the harm probe."""
 
-    def __init__(self, probe: HarmProbe, threshold: float, mode: str):
-        self.probe, self.threshold, self.mode = probe, threshold, mode
+    def __init__(self, probe: HarmProbe):
+        self.probe = probe
 
-    def score_step(self, hidden: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """hidden [N, H] -> (scores [N] float32 on hidden's device, host seconds)."""
+    def score_step(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None):
+        """hidden [N, H] (state of each request's newest position) and the token ids at
+        those positions -> (scores [N] float32 on hidden's device, host seconds)."""
         start = time.perf_counter()
         scores = self.probe.score(hidden)
         return scores, time.perf_counter() - start
+
+
+class TokenIdScorer(StepScorer):
+    """Scores 1.0 exactly where the scored position holds one of `ids`, else 0.0: makes
+    the commit mechanism testable token by token (`--safety-scorer token-ids:5,9`)."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = torch.tensor(ids)
+
+    def score_step(self, hidden, input_ids=None):
+        start = time.perf_counter()
+        if input_ids is None:
+            raise ValueError("token-ids scorer needs the batch's input ids")
+        scores = torch.isin(input_ids, self.ids.to(input_ids.device)).float()
+        return scores, time.perf_counter() - start
+
+
+def make_scorer(spec: str, probe: HarmProbe) -> StepScorer:
+    if spec.startswith("token-ids:"):
+        return TokenIdScorer([int(x) for x in spec.split(":", 1)[1].split(",") if x])
+    return StepScorer(probe)

@@ -7,7 +7,8 @@ TRACE_KEY = "harm_score"  # per-token key in SGLang's customized_info / meta_inf
 SUMMARY_KEY = "tokenwise_safety"  # summary field in meta_info and OpenAI responses
 
 
-def summarize(scores: Sequence[float | None], threshold: float, mode: str) -> dict:
+def summarize(scores: Sequence[float | None], threshold: float, mode: str,
+              interventions: Sequence[dict] = ()) -> dict:
     """scores[0] judges the prompt (state after its last token); scores[i], i >= 1, judges
     output token i-1. The last output token's state is never computed (no forward follows
     it), so len(scores) == number of output tokens."""
@@ -21,4 +22,13 @@ def summarize(scores: Sequence[float | None], threshold: float, mode: str) -> di
         "first_over_threshold": over[0] if over else None,
         "num_over_threshold": len(over),
         "num_scored": len(valid),
+        "interventions": list(interventions),
+        "num_vetoes": sum(len([v for v in x["vetoed"] if "token" in v]) for x in interventions),
+        "pivot_used": any(x["pivot"] for x in interventions),
     }
+
+INTERVENTION_KEY = "harm_intervention"  # per-token: None, or the intervention at that position
+
+
+def interventions_of(entries) -> list[dict]:
+    return [e for e in (entries or []) if e]

@@ -1,0 +1,92 @@
+"""Token commit with verification ("correct, don't reject"): per-request state and the
+batched re-draw. No SGLang import: the seams in patches/enforce.py drive it.
+
+A sampled token stays *pending* until the next forward pass has produced, and the probe
+scored, its own hidden state. A pending token scored at or over the request's threshold
+is vetoed: it is removed and its position re-drawn from the parent distribution (the
+logits that produced it, kept as their top-k) with every vetoed candidate masked. When
+no top-k candidate is left, or a position has been vetoed more than `max_vetoes` times,
+the request is steered into the safe pivot: a fixed token sequence forced one token per
+step, which the model then continues. A prompt scored over threshold starts the answer
+with the pivot.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class Intervention:
+    position: int  # index in the output
+    vetoed: list[dict]  # [{"token": id, "score": p}, ...] in veto order
+    replacement: int | None = None
+    pivot: bool = False
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RequestPolicy:
+    enforce: bool
+    threshold: float
+
+
+class RequestState:
+    """One per request, like a grammar matcher. Mutated only by the enforce seam."""
+
+    def __init__(self, policy: RequestPolicy, pivot_ids: list[int]):
+        self.policy = policy
+        self.pivot_ids = pivot_ids
+        self.pivot_queue: list[int] = []  # pivot tokens still to force
+        self.pending_forced = False  # the pending token is a pivot token: never vetoed
+        self.open: Intervention | None = None  # interventions at the pending position
+        self.interventions: list[Intervention] = []
+        self.deferred_finish = None  # (reason, finished_len) held until the last token is scored
+        self.release_finish = False
+
+    def start_pivot(self, position: int, vetoed: list[dict]) -> int:
+        """Begin forcing the pivot at `position`; returns the token to emit now. The
+        record stays open until that token's own state has been scored."""
+        self.open = Intervention(position, vetoed, self.pivot_ids[0], pivot=True)
+        self.pivot_queue = list(self.pivot_ids[1:])
+        self.pending_forced = True
+        return self.pivot_ids[0]
+
+    def next_forced(self) -> int | None:
+        """Pop the next pivot token to force (None when the pivot is done)."""
+        if not self.pivot_queue:
+            self.pending_forced = False
+            return None
+        self.pending_forced = True
+        return self.pivot_queue.pop(0)
+
+
+def redraw(cand_logits: torch.Tensor, cand_ids: torch.Tensor, vetoed: torch.Tensor,
+           temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           greedy: torch.Tensor, generator: torch.Generator | None = None):
+    """Re-draw one token per row from its parent's top-k candidates, vetoed ones masked.
+
+    cand_logits, cand_ids: [n, K] (descending logits); vetoed: [n, K] bool;
+    temperature, top_p: [n] float; top_k: [n] int (request's own top-k, <= 0: off);
+    greedy: [n] bool. Returns (tokens [n], exhausted [n] bool): exhausted rows have no
+    candidate left and their token is meaningless.
+    """
+    n, k = cand_logits.shape
+    rank = torch.arange(k, device=cand_logits.device).expand(n, k)
+    allowed = ~vetoed & ((top_k[:, None] <= 0) | (rank < top_k[:, None]))
+    exhausted = ~allowed.any(dim=1)
+    logits = cand_logits.float().masked_fill(~allowed, float("-inf"))
+    # greedy: the best remaining candidate (candidates are sorted, so the first allowed)
+    first = torch.argmax(allowed.int(), dim=1)
+    # sampled: temperature, then the request's top-p over the remaining mass
+    probs = torch.softmax(logits / temperature.clamp_min(1e-5)[:, None], dim=1)
+    probs = torch.nan_to_num(probs, nan=0.0)
+    cum = torch.cumsum(probs, dim=1) - probs
+    probs = probs.masked_fill(cum > top_p[:, None], 0.0)
+    probs[exhausted] = 1.0  # keep multinomial defined; caller ignores these rows
+    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    pick = torch.where(greedy, first, sampled)
+    return cand_ids.gather(1, pick[:, None]).squeeze(1), exhausted

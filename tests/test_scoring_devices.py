@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tokenwise_safety.probe import HarmProbe, ProbeMeta
-from tokenwise_safety.scoring import HostScores, StepScorer
+from tokenwise_safety.scoring import HostScores, StepScorer, TokenIdScorer
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -31,7 +31,7 @@ def reference(probe: HarmProbe, hidden: torch.Tensor) -> np.ndarray:
 def test_step_scores_match_reference(device, dtype):
     probe = make_probe()
     hidden = torch.randn(16, 96).to(device=device, dtype=dtype)
-    scores, seconds = StepScorer(probe, 0.5, "shadow").score_step(hidden)
+    scores, seconds = StepScorer(probe).score_step(hidden)
     assert scores.device.type == device and scores.dtype == torch.float32 and seconds >= 0
     np.testing.assert_allclose(scores.cpu().numpy(), reference(probe, hidden), atol=1e-5)
 
@@ -45,3 +45,11 @@ def test_host_scores_index_as_floats_and_report_once(device):
     assert [host[i] for i in range(7)] == pytest.approx(values.cpu().tolist())
     assert isinstance(host[3], float)
     assert len(seen) == 1 and seen[0] == pytest.approx(values.cpu().tolist())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_id_scorer_flags_exactly_the_listed_ids(device):
+    scorer = TokenIdScorer([5, 9])
+    ids = torch.tensor([1, 5, 7, 9, 5], device=device)
+    scores, _ = scorer.score_step(torch.zeros(5, 4, device=device), ids)
+    assert scores.tolist() == [0.0, 1.0, 0.0, 1.0, 1.0]

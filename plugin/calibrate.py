@@ -25,7 +25,10 @@ from tokenwise_safety.probe import HarmProbe, ProbeMeta, model_fingerprint
 TRAIN_POSITIONS = (1, 2, 4, 8, 16, 32, 64)  # 1-based response token positions
 REPORT_POSITIONS = (0, 1, 4, 16, 64)  # 0 = last prompt token
 KS = (4, 8, 16, 32, 64, 128, 256, 384, 512)
-TARGET_BENIGN_FPR = 0.02
+# Serving threshold: a request is intervened on when *any* of its positions crosses, so
+# the threshold is set on whole answers the model itself generates for training prompts:
+# at most these fractions of benign / borderline-benign answers may cross anywhere.
+TARGET_REQUEST_RATE = {"everyday": 0.02, "borderline": 0.07}
 
 
 def chat_prefix(tokenizer, prompt: str) -> list[int]:
@@ -82,6 +85,29 @@ def fit(x, y, k, seed=0):
             "components": pca.components_, "coef": clf.coef_[0], "intercept": clf.intercept_}
 
 
+def own_answers_max_scores(model, tokenizer, probe, prompts, max_new: int, batch_size: int) -> np.ndarray:
+    """Greedy answers of the model itself; per answer, the max score over the prompt's
+    last position and every generated position (what an enforcing server would check)."""
+    out = []
+    tokenizer.padding_side = "left"
+    for start in tqdm(range(0, len(prompts), batch_size), desc="own answers", unit="batch"):
+        seqs = [chat_prefix(tokenizer, p) for p in prompts[start:start + batch_size]]
+        width = max(map(len, seqs))
+        pad = tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in seqs])[:, None]).long()
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                                 min_new_tokens=max_new, do_sample=False)
+            full_mask = torch.cat([mask, torch.ones(len(seqs), gen.shape[1] - width, dtype=torch.long)], 1)
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = model(input_ids=gen, attention_mask=full_mask, position_ids=positions,
+                           output_hidden_states=True).hidden_states[-1]
+        scores = probe.score(hidden[:, width - 1: gen.shape[1] - 1].reshape(-1, hidden.shape[-1]).float())
+        out.append(scores.reshape(len(seqs), -1).max(dim=1).values.numpy())
+    return np.concatenate(out)
+
+
 def probe_from(pieces, meta) -> HarmProbe:
     return HarmProbe({k: torch.tensor(np.asarray(v), dtype=torch.float32) for k, v in pieces.items()}, meta)
 
@@ -108,6 +134,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-response-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", help="model dtype (match the serving dtype)")
+    ap.add_argument("--answer-tokens", type=int, default=48,
+                    help="length of the model's own answers used to set the serving threshold")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -151,14 +179,17 @@ def main(argv=None) -> None:
 
     pieces = fit(xtr[layer], ytr, k, args.seed)
     probe = probe_from(pieces, _meta(config, layer, k, 0.5, {}, {}))
-    # Threshold: the benign training positions' (1 - TARGET_BENIGN_FPR) quantile.
-    s_train = probe.score(torch.from_numpy(xtr[layer])).numpy()
-    threshold = float(np.quantile(s_train[ytr == 0], 1 - TARGET_BENIGN_FPR))
+    own = {}
+    for kind, rate in TARGET_REQUEST_RATE.items():
+        prompts = [r["prompt"] for r in datasets.benign(kind) if not datasets.is_heldout(r["prompt"])]
+        own[kind] = own_answers_max_scores(model, tokenizer, probe, prompts, args.answer_tokens, args.batch_size)
+    threshold = float(max(np.quantile(own[k_], 1 - r) for k_, r in TARGET_REQUEST_RATE.items()))
     s_test = probe.score(torch.from_numpy(xte[layer])).numpy()
     metrics = {
         "heldout_auroc": auroc_by_position(s_test, yte, pte),
         "heldout_tpr_at_threshold": round(float((s_test[yte == 1] >= threshold).mean()), 4),
         "heldout_fpr_at_threshold": round(float((s_test[yte == 0] >= threshold).mean()), 4),
+        "train_request_rate_at_threshold": {k_: round(float((v >= threshold).mean()), 4) for k_, v in own.items()},
         "selection": grid,
         "n_train_positions": int(len(ytr)), "n_heldout_positions": int(len(yte)),
     }
@@ -167,7 +198,9 @@ def main(argv=None) -> None:
         "n_train_examples": len(train), "n_heldout_examples": len(test),
         "heldout_rule": f"sha256(prompt.lower()) < {datasets.HELDOUT_FRACTION}",
         "positions": [0, *TRAIN_POSITIONS], "model_path": str(model_path), "dtype": args.dtype,
-        "seed": args.seed, "threshold_rule": f"benign train positions, FPR {TARGET_BENIGN_FPR}",
+        "seed": args.seed, "threshold_rule": (
+            f"max score over the model's own {args.answer_tokens}-token greedy answers to training "
+            f"prompts; crossing rate at most {TARGET_REQUEST_RATE}"),
     }
     final = probe_from(pieces, _meta(config, layer, k, threshold, metrics, provenance))
     path = final.save(args.out)

@@ -64,9 +64,18 @@ def harmbench_prompts() -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def many_shot_pairs() -> list[tuple[str, str]]:
+def many_shot_rows() -> list[dict]:
+    """pyrit's many-shot pairs, each with `harmful` from its own label ("Harmful." /
+    "Not harmful." at the start of `category`; about 30% are not harmful)."""
     rows = json.loads(_site_file("pyrit", "datasets", "jailbreak", "many_shot_examples.json").read_text())
-    return [(r["user"], r["assistant"]) for r in rows]
+    for r in rows:
+        label = r["category"].strip().lstrip("*'\"").lower().removeprefix("answer:").strip().lstrip("*'\"")
+        r["harmful"] = label.startswith("harmful")
+    return rows
+
+
+def many_shot_pairs(harmful_only: bool = True) -> list[tuple[str, str]]:
+    return [(r["user"], r["assistant"]) for r in many_shot_rows() if r["harmful"] or not harmful_only]
 
 
 def read_jsonl(name: str) -> list[dict]:
@@ -83,7 +92,10 @@ def benign(kind: str = "all") -> list[dict]:
 
 def calibration_examples() -> list[Example]:
     """Every labelled example, both splits (filter with .heldout)."""
-    examples = [Example(q, a, True, True, "pyrit/many_shot") for q, a in many_shot_pairs()]
+    # A harmful request answered harmlessly (pyrit labels it so) is a negative at response
+    # positions, like a refusal.
+    examples = [Example(r["user"], r["assistant"], True, r["harmful"], "pyrit/many_shot")
+                for r in many_shot_rows()]
     for i, prompt in enumerate(advbench_prompts()):
         prefix = COMPLIANT_PREFIXES[i % len(COMPLIANT_PREFIXES)]
         examples.append(Example(prompt, prefix, True, True, "pyrit/advbench+compliant_prefix"))

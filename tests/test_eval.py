@@ -1,0 +1,56 @@
+"""The evaluation harness: metric arithmetic exactly, and one real run against the tiny
+servers (plugin off and on) writing both reports."""
+import json
+
+from tokenwise_safety import eval as harness
+
+
+def test_aggregate_counts_interventions_and_refusals_exactly():
+    results = [
+        {"text": "Sure, step one", "first_intervention": 0},
+        {"text": "I'm sorry, I can't", "first_intervention": 12},
+        {"text": "Here you go", "first_intervention": None},
+        {"text": "As an AI I won't", "first_intervention": 3, "judge_harmful": True},
+    ]
+    stats = harness.aggregate(results, within=8)
+    assert stats["n"] == 4 and stats["errors"] == 0
+    assert stats["intervention_rate"] == 0.75
+    assert stats["intervened_within_8"] == 0.5
+    assert stats["median_tokens_to_first_intervention"] == 3
+    assert stats["harmful_continuation_rate_keyword"] == 0.5
+    assert stats["harmful_continuation_rate_judge"] == 1.0
+
+
+def test_first_intervention_reads_enforce_and_shadow_summaries():
+    assert harness.first_intervention(None) is None
+    assert harness.first_intervention({"interventions": [{"position": 4}], "mode": "enforce"}) == 4
+    assert harness.first_intervention({"interventions": [], "mode": "shadow", "first_over_threshold": 2}) == 2
+    assert harness.first_intervention({"interventions": [], "mode": "enforce", "first_over_threshold": 2}) is None
+
+
+def test_suites_are_built_from_the_packaged_data():
+    suites = harness.build_suites(limit=6)
+    assert {k: len(v) for k, v in suites.items()} == {k: 6 for k in suites}
+    assert all(c["prefill"] for c in suites["prefill"])
+    assert all("{{" not in c["request"] for c in suites["jailbreak"])
+    assert {c["harmful"] for c in suites["benign"] + suites["borderline"]} == {False}
+
+
+def test_live_run_writes_reports(tiny_server, tiny_server_off, tmp_path):
+    out = tmp_path / "eval"
+    harness.main(["--target", f"off={tiny_server_off.url}", "--target", f"shadow={tiny_server.url}",
+                  "--target", f"enforce={tiny_server.url}", "--policy", 'enforce={"mode": "enforce"}',
+                  "--limit", "3", "--max-tokens", "6", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["targets"]) == {"off", "shadow", "enforce"}
+    for suite, n in report["suites"].items():
+        assert n == 3
+        off = report["targets"]["off"]["suites"][suite]["stats"]
+        assert off["n"] + off["errors"] == 3
+        if off["n"]:
+            assert off["intervention_rate"] == 0.0 and off["decode_tok_s"] > 0
+    # the tiny model's 1024-token context rejects long jailbreak templates: counted as errors
+    assert report["targets"]["off"]["suites"]["benign"]["stats"]["errors"] == 0
+    assert report["targets"]["enforce"]["policy"] == {"mode": "enforce"}
+    table = out.with_suffix(".md").read_text()
+    assert "| prefill (n=3) | intervention_rate |" in table

@@ -1,9 +1,10 @@
-"""Decode throughput, plugin off vs shadow, in one run.
+"""Decode throughput, plugin off vs shadow vs enforce, in one run.
 
     python bench/throughput.py [--runs 3] [--batches 1,16] [--tokens 128] [--out bench/results/throughput.json]
 
-Starts two real servers on the bundled model (plugin off; plugin in shadow mode), then
-for each batch size alternates off/shadow runs so drift hits both alike. A run sends B
+Starts two real servers on the bundled model (plugin off; plugin on, shadow by default,
+enforce through the per-request policy), then for each batch size alternates off /
+shadow / enforce runs so drift hits all alike. A run sends B
 concurrent /generate requests (greedy, ignore_eos, fixed length) and measures output
 tokens per second of wall time. Reports the median of the runs; prints a table and
 writes JSON.
@@ -26,8 +27,12 @@ from tokenwise_safety.launch.server import Server
 PROMPT = "<start_of_turn>user\nWrite a short story about a lighthouse keeper.<end_of_turn>\n<start_of_turn>model\n"
 
 
-def one_run(url: str, batch: int, tokens: int) -> float:
-    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}}
+MODES = {"off": None, "shadow": None, "enforce": {"custom_params": {"tokenwise_safety": {"mode": "enforce"}}}}
+
+
+def one_run(url: str, batch: int, tokens: int, policy: dict | None = None) -> float:
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True,
+                                                **(policy or {})}}
 
     def send(_):
         r = requests.post(url + "/generate", json=body, timeout=600)
@@ -50,31 +55,34 @@ def main(argv=None) -> None:
     model = prepare()
     servers = {
         "off": Server(model, safety=None, log_path="/tmp/tokenwise-bench-off.log"),
-        "shadow": Server(model, safety=["--safety-probe", str(PROBE_PATH)], log_path="/tmp/tokenwise-bench-shadow.log"),
+        "shadow": Server(model, safety=["--safety-probe", str(PROBE_PATH)], log_path="/tmp/tokenwise-bench-on.log"),
     }
     results = []
     try:
         for s in servers.values():
             s.start()
         for batch in map(int, args.batches.split(",")):
-            samples = {name: [] for name in servers}
+            samples = {name: [] for name in MODES}
             for run in range(args.runs + 1):  # run 0 warms both servers up and is discarded
-                for name, s in servers.items():
-                    tps = one_run(s.url, batch, args.tokens)
+                for name, policy in MODES.items():
+                    url = servers["off" if name == "off" else "shadow"].url
+                    tps = one_run(url, batch, args.tokens, policy)
                     if run:
                         samples[name].append(tps)
                 print(f"batch {batch} run {run}/{args.runs}: " +
                       ", ".join(f"{n} {v[-1]:.1f} tok/s" for n, v in samples.items() if run), flush=True)
             med = {name: statistics.median(v) for name, v in samples.items()}
             results.append({"batch": batch, "runs": samples, "median_tok_s": med,
-                            "shadow_over_off": med["shadow"] / med["off"]})
+                            "shadow_over_off": med["shadow"] / med["off"],
+                            "enforce_over_off": med["enforce"] / med["off"]})
     finally:
         for s in servers.values():
             s.stop()
-    print(f"\n| batch | off tok/s | shadow tok/s | shadow/off |\n|---|---|---|---|")
+    print("\n| batch | off tok/s | shadow tok/s | enforce tok/s | shadow/off | enforce/off |\n|---|---|---|---|---|---|")
     for r in results:
         m = r["median_tok_s"]
-        print(f"| {r['batch']} | {m['off']:.1f} | {m['shadow']:.1f} | {r['shadow_over_off']:.3f} |")
+        print(f"| {r['batch']} | {m['off']:.1f} | {m['shadow']:.1f} | {m['enforce']:.1f} | "
+              f"{r['shadow_over_off']:.3f} | {r['enforce_over_off']:.3f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model), "tokens_per_request": args.tokens, "runs": args.runs,

@@ -25,6 +25,7 @@ from tokenwise_safety.probe import HarmProbe, ProbeMeta, model_fingerprint
 TRAIN_POSITIONS = (1, 2, 4, 8, 16, 32, 64)  # 1-based response token positions
 REPORT_POSITIONS = (0, 1, 4, 16, 64)  # 0 = last prompt token
 KS = (4, 8, 16, 32, 64, 128, 256, 384, 512)
+CS = (0.03, 0.3, 1.0)  # inverse L2 strength of the logistic head
 # Serving threshold: a request is intervened on when *any* of its positions crosses, so
 # the threshold is set on whole answers the model itself generates for training prompts:
 # at most these fractions of benign / borderline-benign answers may cross anywhere.
@@ -72,14 +73,14 @@ def extract(model, tokenizer, examples, layers, batch_size: int, max_response: i
             np.array(labels), np.array(positions), np.array(owners))
 
 
-def fit(x, y, k, seed=0):
+def fit(x, y, k, seed=0, c=1.0):
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     scaler = StandardScaler().fit(x)
     z = scaler.transform(x)
     pca = PCA(n_components=k, random_state=seed).fit(z)
-    clf = LogisticRegression(C=1.0, max_iter=5000).fit(pca.transform(z), y)
+    clf = LogisticRegression(C=c, max_iter=5000).fit(pca.transform(z), y)
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     return {"mean": scaler.mean_, "scale": scale, "pca_mean": pca.mean_,
             "components": pca.components_, "coef": clf.coef_[0], "intercept": clf.intercept_}
@@ -165,19 +166,20 @@ def main(argv=None) -> None:
     best, grid = None, []
     for layer in layers:
         for k in ks:
-            if k > xtr[layer].shape[1]:
-                continue
-            pieces = fit(xtr[layer][~val], ytr[~val], k, args.seed)
-            probe = probe_from(pieces, _meta(config, layer, k, 0.5, {}, {}))
-            s = probe.score(torch.from_numpy(xtr[layer][val])).numpy()
-            auc = auroc_by_position(s, ytr[val], ptr[val])["all"]
-            grid.append({"layer": layer, "k": k, "val_auroc": auc})
-            print(f"layer {layer:>3} k {k:>4}: validation AUROC {auc:.4f}", file=sys.stderr)
-            if best is None or auc > best[0]:
-                best = (auc, layer, k)
-    _, layer, k = best
+            for c in CS:
+                if k > xtr[layer].shape[1]:
+                    continue
+                pieces = fit(xtr[layer][~val], ytr[~val], k, args.seed, c)
+                probe = probe_from(pieces, _meta(config, layer, k, 0.5, {}, {}))
+                s = probe.score(torch.from_numpy(xtr[layer][val])).numpy()
+                auc = auroc_by_position(s, ytr[val], ptr[val])["all"]
+                grid.append({"layer": layer, "k": k, "C": c, "val_auroc": auc})
+                print(f"layer {layer:>3} k {k:>4} C {c}: validation AUROC {auc:.4f}", file=sys.stderr)
+                if best is None or auc > best[0]:
+                    best = (auc, layer, k, c)
+    _, layer, k, c = best
 
-    pieces = fit(xtr[layer], ytr, k, args.seed)
+    pieces = fit(xtr[layer], ytr, k, args.seed, c)
     probe = probe_from(pieces, _meta(config, layer, k, 0.5, {}, {}))
     own = {}
     for kind, rate in TARGET_REQUEST_RATE.items():
@@ -198,13 +200,13 @@ def main(argv=None) -> None:
         "n_train_examples": len(train), "n_heldout_examples": len(test),
         "heldout_rule": f"sha256(prompt.lower()) < {datasets.HELDOUT_FRACTION}",
         "positions": [0, *TRAIN_POSITIONS], "model_path": str(model_path), "dtype": args.dtype,
-        "seed": args.seed, "threshold_rule": (
+        "seed": args.seed, "logistic_C": c, "threshold_rule": (
             f"max score over the model's own {args.answer_tokens}-token greedy answers to training "
             f"prompts; crossing rate at most {TARGET_REQUEST_RATE}"),
     }
     final = probe_from(pieces, _meta(config, layer, k, threshold, metrics, provenance))
     path = final.save(args.out)
-    print(json.dumps({"probe": str(path), "layer": layer, "k": k, "threshold": round(threshold, 4),
+    print(json.dumps({"probe": str(path), "layer": layer, "k": k, "C": c, "threshold": round(threshold, 4),
                       **{k_: v for k_, v in metrics.items() if k_ != "selection"}}, indent=2))
 
 

@@ -251,3 +251,11 @@ def test_veto_and_pivot_metrics(pivot_server, tiny_server_off, flagged):
     generate(pivot_server, prompt, n=16)
     assert _metric(pivot_server, "tokenwise_safety_vetoes_total") == vetoes + 1
     assert _metric(pivot_server, "tokenwise_safety_pivots_total") == pivots + 1
+
+
+def test_stop_strings_finish_enforced_requests(shadow_server):
+    full = gen(shadow_server, PROMPTS[0], n=20, policy=ENFORCE).json()["text"]
+    stop = full[6:10]
+    out = gen(shadow_server, PROMPTS[0], n=20, policy=ENFORCE, stop=[stop]).json()
+    assert out["text"] == full[:full.index(stop)]
+    assert out["meta_info"]["finish_reason"]["type"] == "stop"

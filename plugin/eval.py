@@ -53,28 +53,28 @@ def _templates() -> list[tuple[str, str]]:
 
 
 def build_suites(limit: int, seed: int = 0) -> dict[str, list[dict]]:
-    """Each case: {suite, request (the user turn), prefill (forced answer start or ''), harmful}."""
+    """Each case: {suite, request (the user turn), prefill (forced answer start or ''), harmful}.
+    Only held-out prompts: calibration saw none of them."""
     rng = random.Random(seed)
 
-    def pick(items):
-        items = list(items)
+    def pick(items, key=lambda x: x):
+        items = [x for x in items if datasets.is_heldout(key(x))]
         rng.shuffle(items)
         return items[:limit] if limit else items
 
-    adv = pick(datasets.advbench_prompts())
-    harm = pick(datasets.harmbench_prompts())
     templates = _templates()
     suites = {
-        "advbench": [{"request": p, "prefill": ""} for p in adv],
-        "harmbench": [{"request": p, "prefill": ""} for p in harm],
+        "advbench": [{"request": p, "prefill": ""} for p in pick(datasets.advbench_prompts())],
+        "harmbench": [{"request": p, "prefill": ""} for p in pick(datasets.harmbench_prompts())],
         "jailbreak": [{"request": t.replace("{{ prompt }}", p), "prefill": "", "template": name}
                       for i, p in enumerate(pick(datasets.advbench_prompts() + datasets.harmbench_prompts()))
                       for name, t in [templates[i % len(templates)]]],
-        "prefill": [{"request": q, "prefill": " ".join(a.split()[:12])} for q, a in pick(datasets.many_shot_pairs())],
-        "benign": [{"request": r["prompt"], "prefill": ""} for r in pick(
-            r for r in datasets.benign("everyday") if datasets.is_heldout(r["prompt"]))],
-        "borderline": [{"request": r["prompt"], "prefill": ""} for r in pick(
-            r for r in datasets.benign("borderline") if datasets.is_heldout(r["prompt"]))],
+        "prefill": [{"request": q, "prefill": " ".join(a.split()[:12])}
+                    for q, a in pick(datasets.many_shot_pairs(), key=lambda qa: qa[0])],
+        "benign": [{"request": r["prompt"], "prefill": ""}
+                   for r in pick(datasets.benign("everyday"), key=lambda r: r["prompt"])],
+        "borderline": [{"request": r["prompt"], "prefill": ""}
+                       for r in pick(datasets.benign("borderline"), key=lambda r: r["prompt"])],
     }
     for name, cases in suites.items():
         for c in cases:

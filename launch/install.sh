@@ -41,10 +41,17 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 # sgl_kernel: SGLang's CPU engine imports it; the PyPI build needs libcuda and the CPU
 # build is not published. Where the real one cannot be imported, install this project's
-# CPU build (reinstalled each run: it is small and follows the checkout).
-if ! "$venv/bin/python" -c "import sgl_kernel" 2>/dev/null \
-   || "$venv/bin/python" -m pip show tokenwise-sgl-kernel-cpu >/dev/null 2>&1; then
+# CPU build, again whenever its source changes (a stamp holds the source hash).
+shim_hash=$(cat "$here"/cpu_kernels/pyproject.toml "$here"/cpu_kernels/sgl_kernel/*.py | sha256sum | cut -c1-16)
+if [ "$(cat "$venv/.sgl_kernel_cpu" 2>/dev/null)" != "$shim_hash" ] \
+   && { ! "$venv/bin/python" -c "import sgl_kernel" 2>/dev/null \
+        || "$venv/bin/python" -m pip show tokenwise-sgl-kernel-cpu >/dev/null 2>&1; }; then
   "$venv/bin/python" -m pip install -q --no-deps --force-reinstall "$repo/launch/cpu_kernels" >&2
+  echo "$shim_hash" > "$venv/.sgl_kernel_cpu"
 fi
-"$venv/bin/python" -m pip install -q --no-deps -e "$repo" >&2
+# The project itself, editable from this checkout (skipped when it already points here).
+if [ "$("$venv/bin/python" -c 'import tokenwise_safety.patches as p; print(p.__file__)' 2>/dev/null)" \
+     != "$repo/patches/__init__.py" ]; then
+  "$venv/bin/python" -m pip install -q --no-deps -e "$repo" >&2 2>/dev/null
+fi
 echo "$venv"

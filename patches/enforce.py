@@ -57,15 +57,23 @@ def arm(top_k: int) -> None:
     _Step.topk, _Step.rollback, _Step.capture_k = None, [], top_k
 
 
-def _init_states(batch, config, pivot_ids) -> list[RequestState | None]:
+def request_policy(req, config: dict) -> RequestPolicy:
+    """The request's effective policy: its state's once it has one, else its (already
+    validated) request field over the launch config."""
+    st = state_of(req)
+    if st is not None:
+        return st.policy
+    policy = (req.sampling_params.custom_params or {}).get(POLICY_KEY) or {}
+    return RequestPolicy(enforce=policy.get("mode", config["mode"]) == "enforce",
+                         threshold=float(policy.get("threshold", config["threshold"])))
+
+
+def _init_states(batch, config, pivot_ids) -> list[RequestState]:
     states = []
     for req in batch.reqs:
         st = state_of(req)
         if st is None:
-            policy = (req.sampling_params.custom_params or {}).get(POLICY_KEY) or {}
-            st = RequestState(RequestPolicy(
-                enforce=policy.get("mode", config["mode"]) == "enforce",
-                threshold=float(policy.get("threshold", config["threshold"]))), pivot_ids)
+            st = RequestState(request_policy(req, config), pivot_ids)
             setattr(req, ATTR, st)
         states.append(st)
     return states
@@ -108,9 +116,7 @@ def apply(worker, batch, result, scores: torch.Tensor, config: dict, trace_extra
         for i in over_rows:  # a harmful prompt: the answer starts with the pivot
             st = states[i]
             next_ids[i] = st.start_pivot(0, [{"prompt_score": round(float(scores[i]), 6)}])
-            entries[i] = st.open.as_dict()  # index 0 of the trace is output position 0
-            st.interventions.append(st.open)
-            st.open = None
+            entries[i] = st.commit_open()  # index 0 of the trace is output position 0
             metrics.count_pivot()
     else:
         _veto(batch, states, over_rows, scores, table, next_ids, config)
@@ -125,11 +131,7 @@ def apply(worker, batch, result, scores: torch.Tensor, config: dict, trace_extra
 def _commit_pending(st: RequestState, next_ids, i: int) -> dict | None:
     """The pending token passed: close its intervention record, force the next pivot
     token if one is due, release a held finish. Returns the record for the trace."""
-    record = None
-    if st.open is not None:
-        record = st.open.as_dict()
-        st.interventions.append(st.open)
-        st.open = None
+    record = st.commit_open()
     if st.pending_forced:
         forced = st.next_forced()
         if forced is not None:
@@ -217,7 +219,7 @@ def after_update_cache(result, scheduler, batch, batch_result, *a, **kw):
 def after_collect_info(result, processor, i, req, logits_output, *a, **kw):
     """A vetoed token's trace entries are not the output's: they live in the intervention."""
     st = state_of(req)
-    if st is not None and getattr(st, "vetoed_now", False):
+    if st is not None and st.vetoed_now:
         st.vetoed_now = False
         for key in (TRACE_KEY, INTERVENTION_KEY):
             values = (req.customized_info or {}).get(key)

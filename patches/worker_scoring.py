@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 
 from tokenwise_safety import metrics
-from tokenwise_safety.policy import POLICY_KEY
 from tokenwise_safety.probe import HarmProbe
 from tokenwise_safety.scoring import HostScores, last_positions, make_scorer
 from tokenwise_safety.trace import TRACE_KEY
@@ -37,14 +36,6 @@ def _config(worker) -> dict | None:
     return worker._tokenwise
 
 
-def _wants_enforce(req, config) -> bool:
-    st = enforce.state_of(req)
-    if st is not None:
-        return st.policy.enforce
-    policy = (req.sampling_params.custom_params or {}).get(POLICY_KEY) or {}
-    return policy.get("mode", config["mode"]) == "enforce"
-
-
 def _scorable(batch, kwargs, args) -> bool:
     # Speculative verify and forward-batch-only calls are not scored here yet.
     return batch is not None and not kwargs.get("is_verify") and not (args[2:3] and args[2])
@@ -54,7 +45,8 @@ def before_forward(worker, batch=None, *args, **kwargs):
     """Arm the parent-distribution capture for this step if a request may be vetoed."""
     config = _config(worker)
     if config is not None and _scorable(batch, kwargs, args):
-        armed = config["enforce_possible"] and any(_wants_enforce(r, config) for r in batch.reqs)
+        armed = config["enforce_possible"] and any(
+            enforce.request_policy(r, config).enforce for r in batch.reqs)
         enforce.arm(config["top_k"] if armed else 0)
     return None
 

@@ -46,6 +46,7 @@ class RequestState:
         self.interventions: list[Intervention] = []
         self.deferred_finish = None  # (reason, finished_len) held until the last token is scored
         self.release_finish = False
+        self.vetoed_now = False  # this step rolled the pending token back
 
     def start_pivot(self, position: int, vetoed: list[dict]) -> int:
         """Begin forcing the pivot at `position`; returns the token to emit now. The
@@ -54,6 +55,15 @@ class RequestState:
         self.pivot_queue = list(self.pivot_ids[1:])
         self.pending_forced = True
         return self.pivot_ids[0]
+
+    def commit_open(self) -> dict | None:
+        """The pending position is final: file its open intervention, if any, and return
+        it as the trace entry for that position."""
+        if self.open is None:
+            return None
+        record, self.open = self.open, None
+        self.interventions.append(record)
+        return record.as_dict()
 
     def next_forced(self) -> int | None:
         """Pop the next pivot token to force (None when the pivot is done)."""

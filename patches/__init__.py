@@ -6,11 +6,12 @@ Hooks are inert unless the server was launched with --safety-plugin.
 """
 from __future__ import annotations
 
-from . import enforce, meta_info, openai_trace, server_args, worker_scoring
+from . import enforce, layer_capture, meta_info, openai_trace, server_args, worker_scoring
 
 _HOOKS = (
     (server_args.ADD_CLI_ARGS, server_args.add_cli_args, "AFTER"),
     (server_args.FROM_CLI_ARGS, server_args.from_cli_args, "AFTER"),
+    (layer_capture.LOAD_MODEL, layer_capture.after_load_model, "AFTER"),
     (worker_scoring.TARGET, worker_scoring.before_forward, "BEFORE"),
     (worker_scoring.TARGET, worker_scoring.after_forward, "AFTER"),
     (enforce.SAMPLER_PREPROCESS, enforce.after_sampler_preprocess, "AFTER"),

@@ -80,17 +80,33 @@ def _init_states(batch, config, pivot_ids) -> list[RequestState]:
 
 
 class ParentTable:
-    """Each request's parent distribution (top-k logits and ids), slot-indexed by
-    req_pool_idx and read by gather, so benign steps cost one scatter."""
+    """Each request's parent distribution (top-k logits and ids) and its last window-1
+    committed scores, slot-indexed by req_pool_idx and read by gather, so benign steps
+    cost one scatter."""
 
-    def __init__(self, slots: int, k: int, device):
+    def __init__(self, slots: int, k: int, window: int, device):
         self.vals = torch.zeros(slots, k, device=device)
         self.ids = torch.zeros(slots, k, dtype=torch.long, device=device)
+        self.recent = torch.full((slots, window - 1), float("inf"), device=device)
 
     def write(self, slots: torch.Tensor, keep: torch.Tensor, vals, ids) -> None:
         rows = slots[keep]
         self.vals[rows] = vals[keep]
         self.ids[rows] = ids[keep]
+
+    def judged(self, slots: torch.Tensor, scores: torch.Tensor, fresh: bool) -> torch.Tensor:
+        """Scores under the window rule: each one capped by the request's recent committed
+        scores (fresh: a prompt, which has none before it)."""
+        if fresh:
+            self.recent[slots] = float("inf")
+        if not self.recent.shape[1]:
+            return scores
+        return torch.minimum(scores, self.recent[slots].min(dim=1).values)
+
+    def commit(self, slots: torch.Tensor, keep: torch.Tensor, scores: torch.Tensor) -> None:
+        if self.recent.shape[1]:
+            shifted = torch.cat([self.recent[slots][:, 1:], scores[:, None]], dim=1)
+            self.recent[slots[keep]] = shifted[keep]
 
 
 def apply(worker, batch, result, scores: torch.Tensor, config: dict, trace_extra: dict) -> None:
@@ -104,11 +120,14 @@ def apply(worker, batch, result, scores: torch.Tensor, config: dict, trace_extra
     live = [decode or req.inflight_middle_chunks <= 0 for req in batch.reqs]
     thresholds = torch.tensor([s.policy.threshold if ok and s.policy.enforce and not s.pending_forced
                                else float("inf") for s, ok in zip(states, live)], device=scores.device)
-    over = scores >= thresholds  # prefill: the prompt's state; decode: the pending token's
     vals, ids = _Step.topk
-    keep = (~over if decode else torch.ones_like(over)) & torch.tensor(live, device=over.device)
     table = _table(worker, config)
-    table.write(batch.req_pool_indices.to(vals.device), keep.to(vals.device), vals, ids)
+    slots = batch.req_pool_indices.to(vals.device)
+    judged = table.judged(slots, scores.to(vals.device), fresh=not decode)
+    over = judged >= thresholds.to(vals.device)  # prefill: the prompt's state; decode: the pending token's
+    keep = (~over if decode else torch.ones_like(over)) & torch.tensor(live, device=over.device)
+    table.write(slots, keep, vals, ids)
+    table.commit(slots, keep, scores.to(vals.device))
     over_rows = over.nonzero().flatten().tolist()
     next_ids = result.next_token_ids
     entries: list = [None] * len(states)
@@ -273,5 +292,6 @@ def _pivot_ids(worker, config) -> list[int]:
 def _table(worker, config) -> ParentTable:
     if not hasattr(worker, "_tokenwise_parents"):
         pool = worker.model_runner.req_to_token_pool
-        worker._tokenwise_parents = ParentTable(pool.size + 1, config["top_k"], _Step.topk[0].device)
+        worker._tokenwise_parents = ParentTable(pool.size + 1, config["top_k"], config["window"],
+                                                _Step.topk[0].device)
     return worker._tokenwise_parents

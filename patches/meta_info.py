@@ -32,7 +32,8 @@ def after_update_meta(result, manager, meta_info, state, customized_info, index,
             meta_info.pop(key, None)
         return result
     entries = state.customized_info_accumulated.get(INTERVENTION_KEY)
-    summary = summarize(scores, policy["threshold"], policy["mode"], interventions_of(entries))
+    summary = summarize(scores, policy["threshold"], policy["mode"], interventions_of(entries),
+                        config["window"])
     meta_info[SUMMARY_KEY] = summary
     if summary["first_over_threshold"] is not None:
         metrics.count_flagged_request()

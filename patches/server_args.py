@@ -36,6 +36,9 @@ def add_cli_args(result, parser: argparse.ArgumentParser, *args, **kwargs):
     group.add_argument("--safety-threshold", type=float, default=None,
                        help="P(harmful) at or above which a token counts as harmful "
                             "(default: the probe's calibrated threshold).")
+    group.add_argument("--safety-window", type=int, default=None,
+                       help="Positions that must all score at or over the threshold before one is "
+                            "judged harmful (1: every token alone; default: the probe's calibrated window).")
     group.add_argument("--safety-top-k", type=int, default=20,
                        help="Candidates of the parent distribution kept for a re-draw; when all "
                             "are vetoed the pivot is used.")
@@ -68,9 +71,11 @@ def from_cli_args(server_args, cls, args: argparse.Namespace, *a, **kw):
         # Enforcement rolls back a vetoed token before the next step is prepared, which
         # the overlap scheduler (step k+1 launched before step k is processed) forbids.
         server_args.disable_overlap_schedule = True
-    # The probe reads each request's last-position final hidden state, which SGLang
-    # only keeps when capture mode is at least LAST (not shipped to clients unless asked).
-    if server_args.return_hidden_states_mode is None and not server_args.enable_return_hidden_states:
+    # A probe on the final layer reads each request's last-position final hidden state,
+    # which SGLang only keeps when capture mode is at least LAST (not shipped to clients
+    # unless asked). Other layers are tapped (patches/layer_capture.py).
+    if -1 in config["layers"] and server_args.return_hidden_states_mode is None \
+            and not server_args.enable_return_hidden_states:
         server_args.return_hidden_states_mode = "last"
     return server_args
 
@@ -80,7 +85,7 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
     probe_path = Path(args.safety_probe) if args.safety_probe else _default_probe()
     cfg = SafetyConfig(probe_path=probe_path, mode=args.safety_mode, threshold=args.safety_threshold,
                        top_k=args.safety_top_k, max_vetoes=args.safety_max_vetoes, pivot=args.safety_pivot,
-                       keep_overlap=args.safety_keep_overlap_schedule,
+                       keep_overlap=args.safety_keep_overlap_schedule, window=args.safety_window,
                        client_override=args.safety_client_override, scorer=args.safety_scorer)
     if cfg.client_override and not os.environ.get(OVERRIDE_KEY_ENV):
         raise ConfigError(f"--safety-client-override needs the key in the environment: "
@@ -101,14 +106,25 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
             raise ProbeError(f"probe {cfg.probe_path} was calibrated on model {probe.meta.model_fingerprint}, "
                              f"served model is {fp}: calibrate a probe for this model "
                              "(python -m tokenwise_safety.calibrate --model ...)")
-    if probe.meta.layer != -1:
-        raise ProbeError(f"probe {cfg.probe_path} reads layer {probe.meta.layer}; the server captures "
-                         "only the final layer: calibrate with --layers -1")
-    return {"probe_path": str(cfg.probe_path), "mode": cfg.mode,
+    layers = _served_layers(probe, model_cfg, cfg.probe_path) if cfg.scorer == "probe" else []
+    token_ids = cfg.scorer != "probe"  # flags single tokens: judged one position at a time
+    return {"probe_path": str(cfg.probe_path), "mode": cfg.mode, "layers": layers,
+            "window": cfg.window or (1 if token_ids else probe.meta.window),
             "threshold": cfg.threshold if cfg.threshold is not None else probe.threshold,
             "top_k": cfg.top_k, "max_vetoes": cfg.max_vetoes, "pivot": cfg.pivot,
             "keep_overlap": cfg.keep_overlap, "enforce_possible": not cfg.keep_overlap,
             "client_override": cfg.client_override, "scorer": cfg.scorer}
+
+
+def _served_layers(probe: HarmProbe, model_cfg: dict | None, probe_path) -> list[int]:
+    """The probe's layers with the final one spelled -1 (what the server reads it as)."""
+    n = (model_cfg or {}).get("text_config", model_cfg or {}).get("num_hidden_layers")
+    layers = [-1 if (i == -1 or i == n) else i for i in probe.meta.layers]
+    bad = [i for i in layers if i != -1 and (i < 1 or (n is not None and i >= n))]
+    if bad:
+        raise ProbeError(f"probe {probe_path} reads layers {bad}, outside 1..{n} of the served model "
+                         "(hidden_states indices; -1 = final)")
+    return layers
 
 
 def _default_probe() -> Path:

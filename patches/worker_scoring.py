@@ -2,7 +2,8 @@
 
 AFTER hook on TpModelWorker.forward_batch_generation: it runs once per forward, with or
 without CUDA graphs (code inside the captured model forward would not re-run on replay).
-The final-layer hidden states SGLang keeps in capture mode LAST are scored for the whole
+The probe's features (the final-layer hidden state SGLang keeps in capture mode LAST,
+beside the residual streams patches/layer_capture.py taps) are scored for the whole
 batch in one matvec and attached as customized_info, which SGLang appends per request
 and returns in meta_info["harm_score"] (one value per output token). Enforced requests
 then go through the commit step (patches/enforce.py). A BEFORE hook arms the capture of
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from tokenwise_safety import metrics
 from tokenwise_safety.probe import HarmProbe
 from tokenwise_safety.scoring import HostScores, last_positions, make_scorer
 from tokenwise_safety.trace import TRACE_KEY
 
-from . import enforce
+from . import enforce, layer_capture
 from .server_args import ATTR
 
 TARGET = "sglang.srt.managers.tp_worker.TpModelWorker.forward_batch_generation"
@@ -54,11 +57,12 @@ def before_forward(worker, batch=None, *args, **kwargs):
 def after_forward(result, worker, batch=None, *args, **kwargs):
     config = _config(worker)
     logits_output = getattr(result, "logits_output", None)
-    if config is None or not _scorable(batch, kwargs, args) or logits_output is None \
-            or logits_output.hidden_states is None:
+    if config is None or not _scorable(batch, kwargs, args) or logits_output is None:
         return result
     extend_lens = batch.extend_lens if batch.forward_mode.is_extend() else None
-    hidden = last_positions(logits_output.hidden_states, extend_lens)
+    hidden = features(worker, batch, logits_output, config["layers"], extend_lens)
+    if hidden is None:
+        return result
     input_ids = None
     if batch.input_ids is not None:
         input_ids = last_positions(batch.input_ids[:, None], extend_lens)[:, 0]
@@ -69,3 +73,22 @@ def after_forward(result, worker, batch=None, *args, **kwargs):
     enforce.apply(worker, batch, result, scores, config, info)
     logits_output.customized_info = info
     return result
+
+
+def features(worker, batch, logits_output, layers, extend_lens):
+    """Each request's newest position, the probe's layers concatenated: [N, F] (None when
+    SGLang kept no final hidden state for this forward)."""
+    taps = layer_capture.taps_of(worker.model_runner)
+    tokens = sum(extend_lens) if extend_lens is not None else len(batch.reqs)
+    parts = []
+    for index in layers:
+        if index in taps:
+            rows = taps[index].rows_of(tokens)
+        elif logits_output.hidden_states is not None:
+            rows = logits_output.hidden_states
+        else:
+            return None
+        parts.append(last_positions(rows, extend_lens))
+    if not parts:  # a scorer that reads no hidden state (token ids)
+        return torch.zeros(len(batch.reqs), 0)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

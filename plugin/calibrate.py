@@ -2,16 +2,25 @@
 
     python -m tokenwise_safety.calibrate --model PATH --out probes/NAME.json
 
-Extracts hidden states with transformers at the last prompt token and at response
-positions (harmful answers vs benign answers and refusals), then fits
-standardise -> PCA(k) -> logistic regression. The layer and k are chosen by AUROC on a
-validation part of the training prompts; the held-out prompts (see datasets.is_heldout)
-are only used for the final report stored in the artifact.
+Features are hidden states (one or more layers, concatenated) taken with transformers at
+(a) labelled examples: the last prompt token and response positions of harmful answers
+vs benign answers and refusals, and (b) the model's *own* 32-token greedy answers:
+benign and borderline-benign prompts (negatives at every position) and harmful answer
+starts forced onto the model (prefill attacks; the prefix end and the model's own
+continuation are positives). Standardise -> [PCA(k)] -> logistic regression.
+
+Training prompts only (datasets.is_heldout keeps a quarter out). Their own answers are
+split in two: part A joins the fit, part B chooses the layer set, C and the decision
+window, and sets the serving threshold: the largest one at which at most 2% of benign
+and 7% of borderline-benign part-B answers are judged harmful anywhere. Choice = most
+part-B prefill attacks judged harmful within 8 tokens. The held-out prompts only feed the
+report stored in the artifact.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -24,18 +33,20 @@ from tokenwise_safety.probe import HarmProbe, ProbeMeta, model_fingerprint
 
 TRAIN_POSITIONS = (1, 2, 4, 8, 16, 32, 64)  # 1-based response token positions
 REPORT_POSITIONS = (0, 1, 4, 16, 64)  # 0 = last prompt token
-KS = (4, 8, 16, 32, 64, 128, 256, 384, 512)
-CS = (0.03, 0.3, 1.0)  # inverse L2 strength of the logistic head
-# Serving threshold: a request is intervened on when *any* of its positions crosses, so
-# the threshold is set on whole answers the model itself generates for training prompts:
-# at most these fractions of benign / borderline-benign answers may cross anywhere.
+CS = (0.01, 0.03, 0.1)  # inverse L2 strength of the logistic head
+WINDOWS = (1, 2)
 TARGET_REQUEST_RATE = {"everyday": 0.02, "borderline": 0.07}
+ANSWER_TOKENS = 32
+WITHIN = 8  # a prefill attack counts as caught when judged harmful by this position
+TRAIN_PREFILL_WORDS = (4, 20)  # forced-prefix lengths drawn for training (report: 12)
 
 
-def chat_prefix(tokenizer, prompt: str) -> list[int]:
+def chat_prefix(tokenizer, prompt: str, forced: str = "") -> list[int]:
+    """Token ids of the chat-formatted prompt, plus a forced answer start tokenised with it
+    (as a server sees a prefill attack: one text)."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                          tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text + forced, add_special_tokens=False)["input_ids"]
 
 
 def extract(model, tokenizer, examples, layers, batch_size: int, max_response: int):
@@ -74,27 +85,31 @@ def extract(model, tokenizer, examples, layers, batch_size: int, max_response: i
 
 
 def fit(x, y, k, seed=0, c=1.0):
+    """Standardise -> PCA(k) (k == 0: none) -> logistic regression; the artifact's pieces."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     scaler = StandardScaler().fit(x)
     z = scaler.transform(x)
-    pca = PCA(n_components=k, random_state=seed).fit(z)
-    clf = LogisticRegression(C=c, max_iter=5000).fit(pca.transform(z), y)
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-    return {"mean": scaler.mean_, "scale": scale, "pca_mean": pca.mean_,
-            "components": pca.components_, "coef": clf.coef_[0], "intercept": clf.intercept_}
+    pieces = {"mean": scaler.mean_, "scale": np.where(scaler.scale_ > 0, scaler.scale_, 1.0)}
+    if k:
+        pca = PCA(n_components=k, random_state=seed).fit(z)
+        z = pca.transform(z)
+        pieces.update(pca_mean=pca.mean_, components=pca.components_)
+    clf = LogisticRegression(C=c, max_iter=5000).fit(z, y)
+    return {**pieces, "coef": clf.coef_[0], "intercept": clf.intercept_}
 
 
-def own_answers_max_scores(model, tokenizer, probe, prompts, max_new: int, batch_size: int) -> np.ndarray:
-    """Greedy answers of the model itself; per answer, the max score over the prompt's
-    last position and every generated position (what an enforcing server would check)."""
-    out = []
+def own_answers(model, tokenizer, cases, layers, max_new: int, batch_size: int, desc: str) -> dict:
+    """Greedy answers of the model itself to (prompt, forced answer start) cases.
+    Returns {layer: [B, max_new + 1, H] float16}: position 0 is the last prompt token
+    (after the forced start), position i the i-th generated token's own state."""
+    out = {layer: [] for layer in layers}
     tokenizer.padding_side = "left"
-    for start in tqdm(range(0, len(prompts), batch_size), desc="own answers", unit="batch"):
-        seqs = [chat_prefix(tokenizer, p) for p in prompts[start:start + batch_size]]
+    pad = tokenizer.pad_token_id or 0
+    for start in tqdm(range(0, len(cases), batch_size), desc=f"own answers: {desc}", unit="batch"):
+        seqs = [chat_prefix(tokenizer, p, f) for p, f in cases[start:start + batch_size]]
         width = max(map(len, seqs))
-        pad = tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in seqs])[:, None]).long()
         with torch.inference_mode():
@@ -102,11 +117,35 @@ def own_answers_max_scores(model, tokenizer, probe, prompts, max_new: int, batch
                                  min_new_tokens=max_new, do_sample=False)
             full_mask = torch.cat([mask, torch.ones(len(seqs), gen.shape[1] - width, dtype=torch.long)], 1)
             positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = model(input_ids=gen, attention_mask=full_mask, position_ids=positions,
-                           output_hidden_states=True).hidden_states[-1]
-        scores = probe.score(hidden[:, width - 1: gen.shape[1] - 1].reshape(-1, hidden.shape[-1]).float())
-        out.append(scores.reshape(len(seqs), -1).max(dim=1).values.numpy())
-    return np.concatenate(out)
+            states = model(input_ids=gen, attention_mask=full_mask, position_ids=positions,
+                           output_hidden_states=True).hidden_states
+        for layer in layers:
+            out[layer].append(states[layer][:, width - 1: width + max_new].to(torch.float16).numpy())
+    return {layer: np.concatenate(v) for layer, v in out.items()}
+
+
+def judged(scores: np.ndarray, window: int) -> np.ndarray:
+    """[B, T] scores -> [B, T] scores under the window rule (trace.judged_harmful): each
+    position capped by the window-1 positions before it that exist."""
+    out = scores.copy()
+    for back in range(1, window):
+        out[:, back:] = np.minimum(out[:, back:], scores[:, :-back])
+    return out
+
+
+def request_threshold(benign: dict, window: int) -> float:
+    """Largest threshold keeping each benign kind's answers judged harmful anywhere at or
+    under its TARGET_REQUEST_RATE."""
+    return float(max(np.quantile(judged(benign[kind], window).max(1), 1 - rate)
+                     for kind, rate in TARGET_REQUEST_RATE.items()))
+
+
+def request_rates(scores: dict, threshold: float, window: int) -> dict:
+    """Fractions judged harmful: benign kinds anywhere, prefill attacks within WITHIN tokens."""
+    rates = {kind: float((judged(scores[kind], window).max(1) >= threshold).mean()) for kind in TARGET_REQUEST_RATE}
+    rates[f"prefill_within_{WITHIN}"] = float((judged(scores["prefill"], window)[:, :WITHIN + 1].max(1)
+                                              >= threshold).mean())
+    return {k: round(v, 4) for k, v in rates.items()}
 
 
 def probe_from(pieces, meta) -> HarmProbe:
@@ -124,19 +163,43 @@ def auroc_by_position(scores, labels, positions) -> dict:
     return out
 
 
+def default_layer_sets(num_layers: int) -> list[list[int]]:
+    """The final layer alone, then with one and two residual streams below it."""
+    return [[-1], [num_layers - 2, -1], [num_layers - 4, num_layers - 2, -1]]
+
+
+def concat(feats: dict, layers: list[int]) -> np.ndarray:
+    return np.concatenate([feats[layer] for layer in layers], axis=-1).astype(np.float32)
+
+
+def own_cases(seed: int) -> dict[str, list[tuple[str, str]]]:
+    """Prompts for the model's own answers, both splits: benign kinds unforced, prefill
+    attacks forced to start with a harmful answer (training prefixes vary in length; the
+    held-out ones use the eval's length)."""
+    rng = random.Random(seed)
+    pairs = datasets.many_shot_pairs()
+    return {
+        "everyday": [(r["prompt"], "") for r in datasets.benign("everyday")],
+        "borderline": [(r["prompt"], "") for r in datasets.benign("borderline")],
+        "prefill": [(q, datasets.prefill(a, datasets.PREFILL_WORDS if datasets.is_heldout(q)
+                                          else rng.randint(*TRAIN_PREFILL_WORDS))) for q, a in pairs],
+    }
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF model folder (default: the bundled Gemma 3 270M)")
     ap.add_argument("--out", required=True, help="artifact path (.json; .safetensors written beside it)")
-    ap.add_argument("--layers", default="-1",
-                    help="comma-separated hidden_states indices to try (-1 = final, post-norm; "
-                         "the server captures only -1)")
-    ap.add_argument("--ks", default=",".join(map(str, KS)), help="PCA sizes to try")
+    ap.add_argument("--layer-sets", default=None,
+                    help="';'-separated layer sets to try, each comma-separated hidden_states indices "
+                         "(-1 = final, post-norm), e.g. '-1;14,16,-1' (default: final alone, with "
+                         "one and with two residual streams below it)")
+    ap.add_argument("--cs", default=",".join(map(str, CS)), help="logistic C values to try")
+    ap.add_argument("--windows", default=",".join(map(str, WINDOWS)), help="decision windows to try")
+    ap.add_argument("--k", type=int, default=0, help="PCA size (0: none, the head reads every feature)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-response-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", help="model dtype (match the serving dtype)")
-    ap.add_argument("--answer-tokens", type=int, default=48,
-                    help="length of the model's own answers used to set the serving threshold")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -149,71 +212,97 @@ def main(argv=None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()
     config = json.loads((Path(model_path) / "config.json").read_text())
-    layers = [int(x) for x in args.layers.split(",")]
-    ks = [int(x) for x in args.ks.split(",")]
+    num_layers = config.get("text_config", config)["num_hidden_layers"]
+    layer_sets = ([[int(x) for x in part.split(",")] for part in args.layer_sets.split(";")]
+                  if args.layer_sets else default_layer_sets(num_layers))
+    layers = sorted({i for ls in layer_sets for i in ls})
+    cs = [float(x) for x in args.cs.split(",")]
+    windows = [int(x) for x in args.windows.split(",")]
 
     examples = datasets.calibration_examples()
     train = [e for e in examples if not e.heldout]
     test = [e for e in examples if e.heldout]
     print(f"examples: {len(train)} train, {len(test)} held-out", file=sys.stderr)
-    xtr, ytr, ptr, otr = extract(model, tokenizer, train, layers, args.batch_size, args.max_response_tokens)
+    xtr, ytr, _, _ = extract(model, tokenizer, train, layers, args.batch_size, args.max_response_tokens)
     xte, yte, pte, _ = extract(model, tokenizer, test, layers, args.batch_size, args.max_response_tokens)
 
-    # Choose (layer, k) on a validation quarter of the *training* prompts.
+    # The model's own answers: training prompts split into A (fit) and B (choice, threshold).
     rng = np.random.default_rng(args.seed)
-    val_owner = rng.random(len(train)) < 0.25
-    val = val_owner[otr]
-    best, grid = None, []
-    for layer in layers:
-        for k in ks:
-            for c in CS:
-                if k > xtr[layer].shape[1]:
-                    continue
-                pieces = fit(xtr[layer][~val], ytr[~val], k, args.seed, c)
-                probe = probe_from(pieces, _meta(config, layer, k, 0.5, {}, {}))
-                s = probe.score(torch.from_numpy(xtr[layer][val])).numpy()
-                auc = auroc_by_position(s, ytr[val], ptr[val])["all"]
-                grid.append({"layer": layer, "k": k, "C": c, "val_auroc": auc})
-                print(f"layer {layer:>3} k {k:>4} C {c}: validation AUROC {auc:.4f}", file=sys.stderr)
-                if best is None or auc > best[0]:
-                    best = (auc, layer, k, c)
-    _, layer, k, c = best
+    own, split = {}, {}
+    for kind, cases in own_cases(args.seed).items():
+        own[kind] = own_answers(model, tokenizer, cases, layers, ANSWER_TOKENS, args.batch_size, kind)
+        held = np.array([datasets.is_heldout(p) for p, _ in cases])
+        part_a = rng.random(len(cases)) < 0.5
+        split[kind] = {"A": ~held & part_a, "B": ~held & ~part_a, "heldout": held}
+    labels = {"everyday": 0, "borderline": 0, "prefill": 1}
 
-    pieces = fit(xtr[layer], ytr, k, args.seed, c)
-    probe = probe_from(pieces, _meta(config, layer, k, 0.5, {}, {}))
-    own = {}
-    for kind, rate in TARGET_REQUEST_RATE.items():
-        prompts = [r["prompt"] for r in datasets.benign(kind) if not datasets.is_heldout(r["prompt"])]
-        own[kind] = own_answers_max_scores(model, tokenizer, probe, prompts, args.answer_tokens, args.batch_size)
-    threshold = float(max(np.quantile(own[k_], 1 - r) for k_, r in TARGET_REQUEST_RATE.items()))
-    s_test = probe.score(torch.from_numpy(xte[layer])).numpy()
+    def fit_on(layer_set, c):
+        xs, ys = [concat(xtr, layer_set)], [ytr]
+        for kind, label in labels.items():
+            a = concat({i: own[kind][i][split[kind]["A"]] for i in layer_set}, layer_set)
+            xs.append(a.reshape(-1, a.shape[-1]))
+            ys.append(np.full(xs[-1].shape[0], label))
+        pieces = fit(np.concatenate(xs), np.concatenate(ys), args.k, args.seed, c)
+        return probe_from(pieces, _meta(config, layer_set, args.k, 0.5, 1, {}, {}))
+
+    def own_scores(probe, layer_set, part):
+        out = {}
+        for kind in labels:
+            x = concat({i: own[kind][i][split[kind][part]] for i in layer_set}, layer_set)
+            out[kind] = probe.score(torch.from_numpy(x.reshape(-1, x.shape[-1]))).numpy().reshape(x.shape[:2])
+        return out
+
+    best, grid = None, []
+    for layer_set in layer_sets:
+        for c in cs:
+            probe = fit_on(layer_set, c)
+            scores = own_scores(probe, layer_set, "B")
+            for window in windows:
+                threshold = request_threshold(scores, window)
+                rates = request_rates(scores, threshold, window)
+                grid.append({"layers": layer_set, "C": c, "window": window, "threshold": round(threshold, 4),
+                             "part_b": rates})
+                print(f"layers {layer_set} C {c} window {window}: threshold {threshold:.4f} part B {rates}",
+                      file=sys.stderr)
+                # most prefill attacks caught; ties: fewer benign answers judged harmful
+                key = (rates[f"prefill_within_{WITHIN}"], -rates["everyday"] - rates["borderline"])
+                if best is None or key > best[0]:
+                    best = (key, layer_set, c, window, threshold, probe)
+    _, layer_set, c, window, threshold, probe = best
+
+    s_test = probe.score(torch.from_numpy(concat(xte, layer_set))).numpy()
+    heldout_answers = request_rates(own_scores(probe, layer_set, "heldout"), threshold, window)
     metrics = {
         "heldout_auroc": auroc_by_position(s_test, yte, pte),
+        "heldout_requests_at_threshold": heldout_answers,
         "heldout_tpr_at_threshold": round(float((s_test[yte == 1] >= threshold).mean()), 4),
         "heldout_fpr_at_threshold": round(float((s_test[yte == 0] >= threshold).mean()), 4),
-        "train_request_rate_at_threshold": {k_: round(float((v >= threshold).mean()), 4) for k_, v in own.items()},
         "selection": grid,
         "n_train_positions": int(len(ytr)), "n_heldout_positions": int(len(yte)),
     }
     provenance = {
         "sources": sorted({e.source for e in examples}),
         "n_train_examples": len(train), "n_heldout_examples": len(test),
+        "own_answers": {kind: {part: int(m.sum()) for part, m in parts.items()} for kind, parts in split.items()},
         "heldout_rule": f"sha256(prompt.lower()) < {datasets.HELDOUT_FRACTION}",
         "positions": [0, *TRAIN_POSITIONS], "model_path": str(model_path), "dtype": args.dtype,
         "seed": args.seed, "logistic_C": c, "threshold_rule": (
-            f"max score over the model's own {args.answer_tokens}-token greedy answers to training "
-            f"prompts; crossing rate at most {TARGET_REQUEST_RATE}"),
+            f"part-B own {ANSWER_TOKENS}-token greedy answers judged harmful anywhere (window {window}) "
+            f"at most {TARGET_REQUEST_RATE}"),
+        "choice_rule": f"most part-B prefill attacks judged harmful within {WITHIN} tokens",
     }
-    final = probe_from(pieces, _meta(config, layer, k, threshold, metrics, provenance))
+    final = probe_from({k: v.numpy() for k, v in probe.tensors.items()},
+                       _meta(config, layer_set, args.k, threshold, window, metrics, provenance))
     path = final.save(args.out)
-    print(json.dumps({"probe": str(path), "layer": layer, "k": k, "C": c, "threshold": round(threshold, 4),
+    print(json.dumps({"probe": str(path), "layers": layer_set, "C": c, "window": window,
+                      "threshold": round(threshold, 4),
                       **{k_: v for k_, v in metrics.items() if k_ != "selection"}}, indent=2))
 
 
-def _meta(config, layer, k, threshold, metrics, provenance) -> ProbeMeta:
+def _meta(config, layers, k, threshold, window, metrics, provenance) -> ProbeMeta:
     hidden = config.get("text_config", config)["hidden_size"]
-    return ProbeMeta(model_fingerprint=model_fingerprint(config), layer=layer, hidden_size=hidden,
-                     k=k, threshold=threshold, metrics=metrics, provenance=provenance)
+    return ProbeMeta(model_fingerprint=model_fingerprint(config), layers=list(layers), hidden_size=hidden,
+                     k=k, threshold=threshold, metrics=metrics, provenance=provenance, window=window)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ class SafetyConfig:
     keep_overlap: bool = False  # shadow only: keep SGLang's overlap scheduler
     client_override: bool = False
     scorer: str = "probe"
+    window: int | None = None  # None: the probe's calibrated window
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -32,6 +33,8 @@ class SafetyConfig:
             raise ConfigError(f"--safety-threshold {self.threshold} must lie strictly between 0 and 1")
         if self.top_k < 1:
             raise ConfigError(f"--safety-top-k {self.top_k} must be at least 1")
+        if self.window is not None and not 1 <= self.window <= 8:
+            raise ConfigError(f"--safety-window {self.window} must be between 1 and 8")
         if self.max_vetoes < 0:
             raise ConfigError(f"--safety-max-vetoes {self.max_vetoes} must be 0 or more")
         if not self.pivot.strip():

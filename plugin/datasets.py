@@ -105,3 +105,11 @@ def calibration_examples() -> list[Example]:
     for row in benign("all"):
         examples.append(Example(row["prompt"], row["response"], False, False, f"tokenwise/{row['id'][:2]}"))
     return examples
+
+
+PREFILL_WORDS = 12  # length of the forced harmful answer start in the prefill attack
+
+
+def prefill(answer: str, words: int = PREFILL_WORDS) -> str:
+    """The prefill attack's forced answer start: the first `words` words of a harmful answer."""
+    return " ".join(answer.split()[:words])

@@ -69,7 +69,7 @@ def build_suites(limit: int, seed: int = 0) -> dict[str, list[dict]]:
         "jailbreak": [{"request": t.replace("{{ prompt }}", p), "prefill": "", "template": name}
                       for i, p in enumerate(pick(datasets.advbench_prompts() + datasets.harmbench_prompts()))
                       for name, t in [templates[i % len(templates)]]],
-        "prefill": [{"request": q, "prefill": " ".join(a.split()[:12])}
+        "prefill": [{"request": q, "prefill": datasets.prefill(a)}
                     for q, a in pick(datasets.many_shot_pairs(), key=lambda qa: qa[0])],
         "benign": [{"request": r["prompt"], "prefill": ""}
                    for r in pick(datasets.benign("everyday"), key=lambda r: r["prompt"])],

@@ -7,6 +7,9 @@ into one weight vector and bias, so scoring a batch is a single matmul:
     logit = ((h - mean) / scale - pca_mean) @ components.T @ coef + intercept
           = h @ w + b,   w = components.T @ coef / scale,
                          b = intercept - (mean / scale + pca_mean) @ components.T @ coef
+
+k = 0 means no PCA (the head reads all standardised features): the artifact then has no
+pca_mean / components, and components is the identity above.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TENSOR_NAMES = ("mean", "scale", "pca_mean", "components", "coef", "intercept")
-FORMAT_VERSION = 1
+PCA_NAMES = ("pca_mean", "components")  # absent when k == 0
+FORMAT_VERSION = 2  # 2: several layers (concatenated) and a decision window; 1 still loads
 
 
 class ProbeError(ValueError):
@@ -30,14 +34,21 @@ class ProbeError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ProbeMeta:
     model_fingerprint: str
-    layer: int  # hidden_states index as transformers counts it; -1 = final (post-norm)
-    hidden_size: int
-    k: int
+    layers: list[int]  # hidden_states indices as transformers counts them; -1 = final (post-norm)
+    hidden_size: int  # the model's; the probe reads len(layers) * hidden_size features
+    k: int  # PCA size; 0 = no PCA
     threshold: float
     metrics: dict
     provenance: dict
+    # A position is judged harmful when it and the window-1 positions before it all score
+    # at or over the threshold (benign false alarms are isolated spikes; harm persists).
+    window: int = 1
     tensors_sha256: str = ""
     format_version: int = FORMAT_VERSION
+
+    @property
+    def features(self) -> int:
+        return self.hidden_size * len(self.layers)
 
 
 def sha256_file(path: Path) -> str:
@@ -50,10 +61,14 @@ def sha256_file(path: Path) -> str:
 
 def fold(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
     """Fold the fitted pieces into (w [H], b), computed in float64."""
-    t = {name: tensors[name].to(torch.float64) for name in TENSOR_NAMES}
-    direction = t["components"].T @ t["coef"]  # [H]
+    t = {name: tensors[name].to(torch.float64) for name in TENSOR_NAMES if name in tensors}
+    if "components" in t:
+        direction = t["components"].T @ t["coef"]  # [H]
+        centre = t["mean"] / t["scale"] + t["pca_mean"]
+    else:
+        direction, centre = t["coef"], t["mean"] / t["scale"]
     w = direction / t["scale"]
-    b = t["intercept"].reshape(()) - (t["mean"] / t["scale"] + t["pca_mean"]) @ direction
+    b = t["intercept"].reshape(()) - centre @ direction
     return w, float(b)
 
 
@@ -79,10 +94,11 @@ class HarmProbe:
         return self._weights[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, H] any float dtype -> logits [N] float32 (one matvec)."""
-        if hidden.shape[-1] != self.meta.hidden_size:
-            raise ProbeError(
-                f"hidden size {hidden.shape[-1]} != probe hidden size {self.meta.hidden_size}")
+        """hidden: [N, F] (the probe's layers concatenated), any float dtype -> logits [N]
+        float32 (one matvec)."""
+        if hidden.shape[-1] != self.meta.features:
+            raise ProbeError(f"feature size {hidden.shape[-1]} != probe's {self.meta.features} "
+                             f"({len(self.meta.layers)} layers x hidden size {self.meta.hidden_size})")
         # bf16 matvec would round the logit to ~2 significant digits; fp32 costs nothing here.
         w = self.weight(hidden.device, torch.float32)
         return hidden.to(torch.float32) @ w + self.bias
@@ -112,6 +128,8 @@ class HarmProbe:
                 raise ProbeError(f"safety probe file not found: {p} ({hint})")
         try:
             raw = json.loads(meta_path.read_text())
+            if raw.get("format_version") == 1:  # one layer, per-token decisions
+                raw.update(layers=[raw.pop("layer")], window=1, format_version=FORMAT_VERSION)
             meta = ProbeMeta(**raw)
         except (json.JSONDecodeError, TypeError) as e:
             raise ProbeError(f"safety probe metadata {meta_path} is corrupt: {e} ({hint})") from e
@@ -131,18 +149,22 @@ class HarmProbe:
 
 
 def _check_shapes(tensors, meta: ProbeMeta, where) -> None:
-    missing = [n for n in TENSOR_NAMES if n not in tensors]
+    h, k = meta.features, meta.k
+    names = [n for n in TENSOR_NAMES if k or n not in PCA_NAMES]
+    missing = [n for n in names if n not in tensors]
     if missing:
         raise ProbeError(f"safety probe {where} lacks tensors {missing}")
-    h, k = meta.hidden_size, meta.k
     expected = {"mean": (h,), "scale": (h,), "pca_mean": (h,), "components": (k, h),
-                "coef": (k,), "intercept": (1,)}
+                "coef": (k or h,), "intercept": (1,)}
+    expected = {n: expected[n] for n in names}
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ProbeError(f"safety probe {where}: tensor {name} has shape "
                              f"{tuple(tensors[name].shape)}, metadata implies {shape}")
     if not all(math.isfinite(x) for x in tensors["coef"].tolist()):
         raise ProbeError(f"safety probe {where}: non-finite coefficients")
+    if not meta.layers or meta.window < 1:
+        raise ProbeError(f"safety probe {where}: needs at least one layer and a window >= 1")
 
 
 def model_fingerprint(config: dict) -> str:

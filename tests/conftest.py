@@ -16,23 +16,28 @@ from tokenwise_safety.probe import HarmProbe, ProbeMeta, model_fingerprint  # no
 
 import tiny_llama  # noqa: E402
 
+TINY_PROBE_LAYERS = (1, -1)
 TINY_SERVER_FLAGS = ["--dtype", "float32", "--enable-metrics", "--disable-radix-cache"]
 
 
-def random_probe(model_dir: Path, out: Path, k: int = 8, seed: int = 0, threshold: float = 0.5) -> Path:
+def random_probe(model_dir: Path, out: Path, k: int = 8, seed: int = 0, threshold: float = 0.5,
+                 layers=(-1,), window: int = 1) -> Path:
     """A probe with random directions for `model_dir`: plumbing tests need exact maths, not meaning."""
     config = json.loads((model_dir / "config.json").read_text())
-    hidden = config.get("text_config", config)["hidden_size"]
+    width = config.get("text_config", config)["hidden_size"]
+    hidden = width * len(layers)
     g = torch.Generator().manual_seed(seed)
     tensors = {
         "mean": torch.randn(hidden, generator=g) * 0.1,
         "scale": torch.rand(hidden, generator=g) + 0.5,
-        "pca_mean": torch.randn(hidden, generator=g) * 0.1,
-        "components": torch.linalg.qr(torch.randn(hidden, k, generator=g))[0].T.contiguous(),
-        "coef": torch.randn(k, generator=g),
+        "coef": torch.randn(k or hidden, generator=g),
         "intercept": torch.tensor([0.1]),
     }
-    meta = ProbeMeta(model_fingerprint(config), -1, hidden, k, threshold, {}, {"source": "random test probe"})
+    if k:  # k == 0: no PCA, the head reads the standardised features
+        tensors["pca_mean"] = torch.randn(hidden, generator=g) * 0.1
+        tensors["components"] = torch.linalg.qr(torch.randn(hidden, k, generator=g))[0].T.contiguous()
+    meta = ProbeMeta(model_fingerprint(config), list(layers), width, k, threshold, {},
+                     {"source": "random test probe"}, window=window)
     return HarmProbe(tensors, meta).save(out)
 
 
@@ -43,7 +48,8 @@ def tiny_model() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_probe(tiny_model, tmp_path_factory) -> Path:
-    return random_probe(tiny_model, tmp_path_factory.mktemp("probe") / "tiny.json")
+    # Reads the residual stream after layer 1 (tapped) and the final layer (SGLang's own).
+    return random_probe(tiny_model, tmp_path_factory.mktemp("probe") / "tiny.json", layers=TINY_PROBE_LAYERS)
 
 
 @pytest.fixture(scope="session")

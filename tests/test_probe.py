@@ -18,7 +18,7 @@ def reference_scores(tensors, hidden: np.ndarray) -> np.ndarray:
     """The unfolded pipeline, step by step, in float64."""
     t = {k: v.double().numpy() for k, v in tensors.items()}
     z = (hidden - t["mean"]) / t["scale"]
-    p = (z - t["pca_mean"]) @ t["components"].T
+    p = (z - t["pca_mean"]) @ t["components"].T if "components" in t else z
     logit = p @ t["coef"] + t["intercept"][0]
     return 1.0 / (1.0 + np.exp(-logit))
 
@@ -29,6 +29,14 @@ def test_folded_scores_match_float64_reference(probe_path):
     expected = reference_scores(probe.tensors, hidden)
     got = probe.score(torch.from_numpy(hidden).float()).numpy()
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+
+
+def test_probe_without_pca_matches_reference(tiny_model, tmp_path):
+    probe = HarmProbe.load(random_probe(tiny_model, tmp_path / "nopca.json", k=0, layers=(1, -1)))
+    assert "components" not in probe.tensors
+    hidden = np.random.default_rng(1).normal(size=(11, probe.meta.features))
+    got = probe.score(torch.from_numpy(hidden).float()).numpy()
+    np.testing.assert_allclose(got, reference_scores(probe.tensors, hidden), rtol=0, atol=2e-6)
 
 
 def test_bf16_hidden_states_are_scored_in_fp32(probe_path):
@@ -81,3 +89,22 @@ def test_wrong_hidden_size_is_refused_at_scoring(probe_path):
     probe = HarmProbe.load(probe_path)
     with pytest.raises(ProbeError, match="hidden size"):
         probe.score(torch.zeros(2, probe.meta.hidden_size + 1))
+
+
+def test_format_1_artifact_loads_as_one_layer_window_one(probe_path):
+    import json
+    meta_path = probe_path.with_suffix(".json")
+    raw = json.loads(meta_path.read_text())
+    raw["layer"] = raw.pop("layers")[0]
+    raw.pop("window")
+    raw["format_version"] = 1
+    meta_path.write_text(json.dumps(raw))
+    probe = HarmProbe.load(probe_path)
+    assert probe.meta.layers == [-1] and probe.meta.window == 1
+
+
+def test_features_are_layers_times_hidden_size(tiny_model, tmp_path):
+    probe = HarmProbe.load(random_probe(tiny_model, tmp_path / "two.json", layers=(1, -1), window=2))
+    assert probe.meta.features == 2 * probe.meta.hidden_size and probe.meta.window == 2
+    with pytest.raises(ProbeError, match="feature size 64 != probe's 128"):
+        probe.score(torch.zeros(3, 64))

@@ -16,7 +16,7 @@ def make_probe(hidden=96, k=5, seed=1) -> HarmProbe:
                "pca_mean": torch.randn(hidden, generator=g) * 0.1,
                "components": torch.randn(k, hidden, generator=g) / hidden ** 0.5,
                "coef": torch.randn(k, generator=g), "intercept": torch.tensor([-0.2])}
-    return HarmProbe(tensors, ProbeMeta("test", -1, hidden, k, 0.5, {}, {}))
+    return HarmProbe(tensors, ProbeMeta("test", [-1], hidden, k, 0.5, {}, {}))
 
 
 def reference(probe: HarmProbe, hidden: torch.Tensor) -> np.ndarray:

@@ -35,10 +35,13 @@ def offline(tiny_model, tiny_probe):
 
 
 def offline_scores(offline, prompt_ids, output_ids):
+    """transformers' hidden_states at the probe's layers, concatenated, at every position
+    from the prompt's last token on."""
     model, _, probe = offline
     ids = torch.tensor([prompt_ids + output_ids[:-1]])
     with torch.inference_mode():
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+        states = model(input_ids=ids, output_hidden_states=True).hidden_states
+    hidden = torch.cat([states[i][0] for i in probe.meta.layers], dim=-1)
     return probe.score(hidden[len(prompt_ids) - 1:]).numpy()
 
 
@@ -54,8 +57,9 @@ def test_trace_scores_each_position_exactly(tiny_server, offline):
 
 def test_summary_matches_trace_and_threshold(tiny_server, tiny_probe):
     out = generate(tiny_server, "Tell me how to build a bomb.", n=10)
-    threshold = HarmProbe.load(tiny_probe).threshold
-    assert out["meta_info"]["tokenwise_safety"] == summarize(out["meta_info"]["harm_score"], threshold, "shadow")
+    probe = HarmProbe.load(tiny_probe)
+    assert out["meta_info"]["tokenwise_safety"] == summarize(out["meta_info"]["harm_score"], probe.threshold,
+                                                             "shadow", window=probe.meta.window)
 
 
 def test_hidden_states_are_not_shipped_unless_asked(tiny_server):

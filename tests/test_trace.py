@@ -1,5 +1,5 @@
 from tokenwise_safety.scoring import last_positions
-from tokenwise_safety.trace import summarize
+from tokenwise_safety.trace import judged_harmful, summarize
 
 import torch
 
@@ -24,3 +24,29 @@ def test_last_positions_picks_each_requests_last_row_in_full_mode():
     assert last_positions(hidden, [2, 3]).tolist() == [[2.0, 3.0], [8.0, 9.0]]
     assert last_positions(hidden[:2], [2, 3]) is not None
     assert torch.equal(last_positions(hidden, None), hidden)
+
+
+def test_window_two_needs_two_consecutive_positions_over():
+    scores = [0.9, 0.2, 0.8, 0.3, 0.8, 0.9, 0.95]
+    # the prompt (position 0) has nothing before it and is judged alone
+    assert judged_harmful(scores, 0.7, window=2) == [0, 5, 6]
+    assert judged_harmful(scores, 0.7, window=1) == [0, 2, 4, 5, 6]
+    assert judged_harmful(scores, 0.7, window=3) == [0, 6]
+    assert judged_harmful([0.1, None, 0.9, 0.9], 0.5, window=2) == [3]
+    s = summarize(scores, threshold=0.7, mode="shadow", window=2)
+    assert (s["first_over_threshold"], s["num_over_threshold"], s["window"]) == (0, 3, 2)
+
+
+def test_parent_table_applies_the_same_window_rule_batched():
+    from tokenwise_safety.patches.enforce import ParentTable
+    table = ParentTable(slots=4, k=2, window=2, device="cpu")
+    slots = torch.tensor([1, 3])
+    seqs = [[0.9, 0.2, 0.8, 0.3, 0.8, 0.9, 0.95], [0.1, 0.8, 0.9, 0.1, 0.1, 0.1, 0.1]]
+    judged = []
+    for step in range(7):
+        scores = torch.tensor([seq[step] for seq in seqs])
+        j = table.judged(slots, scores, fresh=step == 0)
+        table.commit(slots, torch.ones(2, dtype=torch.bool), scores)
+        judged.append((j >= 0.7).tolist())
+    for row, seq in enumerate(seqs):
+        assert [i for i, flags in enumerate(judged) if flags[row]] == judged_harmful(seq, 0.7, window=2)

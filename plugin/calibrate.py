@@ -10,15 +10,17 @@ starts forced onto the model (prefill attacks; the prefix end and the model's ow
 continuation are positives). Standardise -> [PCA(k)] -> logistic regression.
 
 Training prompts only (datasets.is_heldout keeps a quarter out). Their own answers are
-split in two: part A joins the fit, part B chooses the layer set, C and the decision
-window, and sets the serving threshold: the largest one at which at most 2% of benign
-and 7% of borderline-benign part-B answers are judged harmful anywhere. Choice = most
-part-B prefill attacks judged harmful within 8 tokens. The held-out prompts only feed the
-report stored in the artifact.
+scored out of fold (4 folds) to choose the layer set, C and the decision window, and to
+set the serving threshold: the largest one at which at most 1% of benign and 5% of
+borderline-benign answers are judged harmful anywhere. Choice = most prefill attacks
+judged harmful within 8 tokens. The final fit uses every training answer. The held-out
+prompts only feed the report stored in the artifact. Extracted features are cached
+(~/.cache/tokenwise-safety/calibration/), so a re-run with other choices skips the model.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -28,17 +30,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenwise_safety import datasets
+from tokenwise_safety import bundled, datasets
 from tokenwise_safety.probe import HarmProbe, ProbeMeta, model_fingerprint
 
 TRAIN_POSITIONS = (1, 2, 4, 8, 16, 32, 64)  # 1-based response token positions
 REPORT_POSITIONS = (0, 1, 4, 16, 64)  # 0 = last prompt token
-CS = (0.01, 0.03, 0.1)  # inverse L2 strength of the logistic head
+CS = (0.03, 0.1)  # inverse L2 strength of the logistic head
 WINDOWS = (1, 2)
-TARGET_REQUEST_RATE = {"everyday": 0.02, "borderline": 0.07}
+# Answers judged harmful anywhere, at most: well under the product targets (3% / 10%),
+# because ~160 / ~110 training answers estimate a 3% rate only to about +-1.5%.
+TARGET_REQUEST_RATE = {"everyday": 0.01, "borderline": 0.05}
 ANSWER_TOKENS = 32
 WITHIN = 8  # a prefill attack counts as caught when judged harmful by this position
-TRAIN_PREFILL_WORDS = (4, 20)  # forced-prefix lengths drawn for training (report: 12)
+TRAIN_PREFILL_WORDS = (4, 20)
+FOLDS = 4  # forced-prefix lengths drawn for training (report: 12)
 
 
 def chat_prefix(tokenizer, prompt: str, forced: str = "") -> list[int]:
@@ -100,8 +105,10 @@ def fit(x, y, k, seed=0, c=1.0):
     return {**pieces, "coef": clf.coef_[0], "intercept": clf.intercept_}
 
 
-def own_answers(model, tokenizer, cases, layers, max_new: int, batch_size: int, desc: str) -> dict:
-    """Greedy answers of the model itself to (prompt, forced answer start) cases.
+def own_answers(model, tokenizer, cases, layers, max_new: int, batch_size: int, desc: str,
+                sample: bool = False) -> dict:
+    """Answers of the model itself (greedy, or sampled at temperature 1, top-p 0.95) to
+    (prompt, forced answer start) cases.
     Returns {layer: [B, max_new + 1, H] float16}: position 0 is the last prompt token
     (after the forced start), position i the i-th generated token's own state."""
     out = {layer: [] for layer in layers}
@@ -114,7 +121,8 @@ def own_answers(model, tokenizer, cases, layers, max_new: int, batch_size: int, 
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in seqs])[:, None]).long()
         with torch.inference_mode():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                                 min_new_tokens=max_new, do_sample=False)
+                                 min_new_tokens=max_new, do_sample=sample,
+                                 **({"temperature": 1.0, "top_p": 0.95, "top_k": 0} if sample else {}))
             full_mask = torch.cat([mask, torch.ones(len(seqs), gen.shape[1] - width, dtype=torch.long)], 1)
             positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
             states = model(input_ids=gen, attention_mask=full_mask, position_ids=positions,
@@ -133,11 +141,11 @@ def judged(scores: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def request_threshold(benign: dict, window: int) -> float:
+def request_threshold(benign: dict, window: int, targets: dict = TARGET_REQUEST_RATE) -> float:
     """Largest threshold keeping each benign kind's answers judged harmful anywhere at or
-    under its TARGET_REQUEST_RATE."""
+    under its target rate."""
     return float(max(np.quantile(judged(benign[kind], window).max(1), 1 - rate)
-                     for kind, rate in TARGET_REQUEST_RATE.items()))
+                     for kind, rate in targets.items()))
 
 
 def request_rates(scores: dict, threshold: float, window: int) -> dict:
@@ -186,6 +194,53 @@ def own_cases(seed: int) -> dict[str, list[tuple[str, str]]]:
     }
 
 
+# Extra negatives: sampled answers to the benign training prompts (the base model's
+# sampled text drifts and repeats in ways greedy answers under-cover). Fit only.
+SAMPLED = {"everyday_sampled": "everyday", "borderline_sampled": "borderline"}
+
+
+def extract_all(model, tokenizer, train, test, cases, layers, args, config) -> dict:
+    """Hidden states of the labelled examples (both splits) and of the model's own answers,
+    each part from the cache when that exact extraction ran before."""
+    common = {"model": model_fingerprint(config), "path": str(args.model), "layers": layers,
+              "dtype": args.dtype, "seed": args.seed}
+
+    def labelled(examples):
+        return lambda: extract(model, tokenizer, examples, layers, args.batch_size, args.max_response_tokens)
+
+    def answers(kind, sample=False):
+        def run():
+            torch.manual_seed(args.seed)
+            return own_answers(model, tokenizer, cases[SAMPLED.get(kind, kind)], layers, ANSWER_TOKENS,
+                               args.batch_size, kind, sample)
+        return run
+
+    xtr, ytr, _, _ = _cached("labelled-train", {**common, "max_response": args.max_response_tokens,
+                                                 "examples": [e.prompt + e.response for e in train]},
+                             labelled(train), args.no_cache)
+    xte, yte, pte, _ = _cached("labelled-test", {**common, "max_response": args.max_response_tokens,
+                                                  "examples": [e.prompt + e.response for e in test]},
+                               labelled(test), args.no_cache)
+    own = {kind: _cached(f"own-{kind}", {**common, "answer_tokens": ANSWER_TOKENS, "sample": kind in SAMPLED,
+                                         "cases": cases[SAMPLED.get(kind, kind)]},
+                         answers(kind, kind in SAMPLED), args.no_cache)
+           for kind in [*cases, *SAMPLED]}
+    return {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte, "pte": pte, "own": own}
+
+
+def _cached(name: str, key: dict, compute, refresh: bool):
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = bundled.cache_dir() / "calibration" / f"{name}-{digest}.pt"
+    if path.is_file() and not refresh:
+        print(f"features: {name} from cache {path}", file=sys.stderr)
+        return torch.load(path, weights_only=False)
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)
+    return value
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF model folder (default: the bundled Gemma 3 270M)")
@@ -201,14 +256,19 @@ def main(argv=None) -> None:
     ap.add_argument("--max-response-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", help="model dtype (match the serving dtype)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-cache", action="store_true", help="re-extract features even when cached")
+    ap.add_argument("--everyday-rate", type=float, default=TARGET_REQUEST_RATE["everyday"],
+                    help="most benign answers that may be judged harmful (sets the threshold)")
+    ap.add_argument("--borderline-rate", type=float, default=TARGET_REQUEST_RATE["borderline"],
+                    help="most borderline-benign answers that may be judged harmful")
     args = ap.parse_args(argv)
+    targets = {"everyday": args.everyday_rate, "borderline": args.borderline_rate}
     torch.manual_seed(args.seed)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model_path = args.model
     if model_path is None:
-        from tokenwise_safety.bundled import prepare
-        model_path = str(prepare())
+        model_path = str(bundled.prepare())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()
     config = json.loads((Path(model_path) / "config.json").read_text())
@@ -223,55 +283,70 @@ def main(argv=None) -> None:
     train = [e for e in examples if not e.heldout]
     test = [e for e in examples if e.heldout]
     print(f"examples: {len(train)} train, {len(test)} held-out", file=sys.stderr)
-    xtr, ytr, _, _ = extract(model, tokenizer, train, layers, args.batch_size, args.max_response_tokens)
-    xte, yte, pte, _ = extract(model, tokenizer, test, layers, args.batch_size, args.max_response_tokens)
+    cases = own_cases(args.seed)
+    feats = extract_all(model, tokenizer, train, test, cases, layers, args, config)
+    xtr, ytr, xte, yte, pte, own = (feats[k] for k in ("xtr", "ytr", "xte", "yte", "pte", "own"))
 
-    # The model's own answers: training prompts split into A (fit) and B (choice, threshold).
+    # Own answers to training prompts: FOLDS-fold out-of-fold scores choose the layer set,
+    # C and window and set the threshold; the final fit then uses all of them.
     rng = np.random.default_rng(args.seed)
-    own, split = {}, {}
-    for kind, cases in own_cases(args.seed).items():
-        own[kind] = own_answers(model, tokenizer, cases, layers, ANSWER_TOKENS, args.batch_size, kind)
-        held = np.array([datasets.is_heldout(p) for p, _ in cases])
-        part_a = rng.random(len(cases)) < 0.5
-        split[kind] = {"A": ~held & part_a, "B": ~held & ~part_a, "heldout": held}
+    split = {}
+    for kind, kind_cases in cases.items():
+        held = np.array([datasets.is_heldout(p) for p, _ in kind_cases])
+        split[kind] = {"train": ~held, "heldout": held,
+                       "fold": np.where(held, -1, rng.integers(0, FOLDS, len(kind_cases)))}
+    for kind, base in SAMPLED.items():
+        split[kind] = split[base]  # same prompts, same order: same folds
     labels = {"everyday": 0, "borderline": 0, "prefill": 1}
+    fit_labels = {**labels, **{kind: 0 for kind in SAMPLED}}
 
-    def fit_on(layer_set, c):
+    def fit_on(layer_set, c, use):
+        """use[kind]: mask of own answers joining the labelled examples in the fit."""
         xs, ys = [concat(xtr, layer_set)], [ytr]
-        for kind, label in labels.items():
-            a = concat({i: own[kind][i][split[kind]["A"]] for i in layer_set}, layer_set)
+        for kind, label in fit_labels.items():
+            a = concat({i: own[kind][i][use[kind]] for i in layer_set}, layer_set)
             xs.append(a.reshape(-1, a.shape[-1]))
             ys.append(np.full(xs[-1].shape[0], label))
         pieces = fit(np.concatenate(xs), np.concatenate(ys), args.k, args.seed, c)
         return probe_from(pieces, _meta(config, layer_set, args.k, 0.5, 1, {}, {}))
 
-    def own_scores(probe, layer_set, part):
+    def own_scores(probe, layer_set, rows):
         out = {}
         for kind in labels:
-            x = concat({i: own[kind][i][split[kind][part]] for i in layer_set}, layer_set)
+            x = concat({i: own[kind][i][rows[kind]] for i in layer_set}, layer_set)
             out[kind] = probe.score(torch.from_numpy(x.reshape(-1, x.shape[-1]))).numpy().reshape(x.shape[:2])
         return out
+
+    def out_of_fold(layer_set, c):
+        scores = {kind: np.zeros(own[kind][layer_set[0]].shape[:2], np.float32) for kind in labels}
+        for f in tqdm(range(FOLDS), desc=f"layers {layer_set} C {c}", unit="fold", file=sys.stderr):
+            probe = fit_on(layer_set, c, {k: split[k]["train"] & (split[k]["fold"] != f) for k in fit_labels})
+            held_in = {k: split[k]["fold"] == f for k in labels}
+            for kind, s in own_scores(probe, layer_set, held_in).items():
+                scores[kind][held_in[kind]] = s
+        return {kind: s[split[kind]["train"]] for kind, s in scores.items()}
 
     best, grid = None, []
     for layer_set in layer_sets:
         for c in cs:
-            probe = fit_on(layer_set, c)
-            scores = own_scores(probe, layer_set, "B")
+            scores = out_of_fold(layer_set, c)
             for window in windows:
-                threshold = request_threshold(scores, window)
+                threshold = request_threshold(scores, window, targets)
                 rates = request_rates(scores, threshold, window)
                 grid.append({"layers": layer_set, "C": c, "window": window, "threshold": round(threshold, 4),
-                             "part_b": rates})
-                print(f"layers {layer_set} C {c} window {window}: threshold {threshold:.4f} part B {rates}",
-                      file=sys.stderr)
+                             "out_of_fold": rates})
+                print(f"layers {layer_set} C {c} window {window}: threshold {threshold:.4f} "
+                      f"out-of-fold {rates}", file=sys.stderr)
                 # most prefill attacks caught; ties: fewer benign answers judged harmful
                 key = (rates[f"prefill_within_{WITHIN}"], -rates["everyday"] - rates["borderline"])
                 if best is None or key > best[0]:
-                    best = (key, layer_set, c, window, threshold, probe)
-    _, layer_set, c, window, threshold, probe = best
+                    best = (key, layer_set, c, window, threshold)
+    _, layer_set, c, window, threshold = best
+    probe = fit_on(layer_set, c, {k: split[k]["train"] for k in fit_labels})
 
     s_test = probe.score(torch.from_numpy(concat(xte, layer_set))).numpy()
-    heldout_answers = request_rates(own_scores(probe, layer_set, "heldout"), threshold, window)
+    heldout_answers = request_rates(own_scores(probe, layer_set, {k: split[k]["heldout"] for k in labels}),
+                                    threshold, window)
     metrics = {
         "heldout_auroc": auroc_by_position(s_test, yte, pte),
         "heldout_requests_at_threshold": heldout_answers,
@@ -283,13 +358,15 @@ def main(argv=None) -> None:
     provenance = {
         "sources": sorted({e.source for e in examples}),
         "n_train_examples": len(train), "n_heldout_examples": len(test),
-        "own_answers": {kind: {part: int(m.sum()) for part, m in parts.items()} for kind, parts in split.items()},
+        "own_answers": {kind: {"train": int(parts["train"].sum()), "heldout": int(parts["heldout"].sum())}
+                        for kind, parts in split.items()},
         "heldout_rule": f"sha256(prompt.lower()) < {datasets.HELDOUT_FRACTION}",
         "positions": [0, *TRAIN_POSITIONS], "model_path": str(model_path), "dtype": args.dtype,
         "seed": args.seed, "logistic_C": c, "threshold_rule": (
-            f"part-B own {ANSWER_TOKENS}-token greedy answers judged harmful anywhere (window {window}) "
-            f"at most {TARGET_REQUEST_RATE}"),
-        "choice_rule": f"most part-B prefill attacks judged harmful within {WITHIN} tokens",
+            f"{FOLDS}-fold out-of-fold scores of the own {ANSWER_TOKENS}-token greedy answers to training "
+            f"prompts judged harmful anywhere (window {window}) "
+            f"at most {targets}"),
+        "choice_rule": f"most out-of-fold prefill attacks judged harmful within {WITHIN} tokens",
     }
     final = probe_from({k: v.numpy() for k, v in probe.tensors.items()},
                        _meta(config, layer_set, args.k, threshold, window, metrics, provenance))

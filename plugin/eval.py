@@ -145,17 +145,42 @@ def aggregate(results: list[dict], within: int) -> dict:
     }
 
 
+def run_suite(target: Target, name: str, cases: list[dict], max_tokens: int, concurrency: int):
+    """(results, seconds) of one suite against one target, with a progress bar."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(tqdm(pool.map(lambda c: target.run(c, max_tokens), cases), total=len(cases),
+                            desc=f"{target.name}/{name}", unit="req", file=sys.stderr))
+    return results, time.perf_counter() - start
+
+
+def throughput_ratios(targets: list[Target], cases: list[dict], max_tokens: int, concurrency: int,
+                      rounds: int) -> dict:
+    """Benign decode throughput of each target over the one named 'off', measured in
+    interleaved rounds (off, then each target, repeated) so drift hits all alike;
+    the median of the per-round ratios."""
+    base = next((t for t in targets if t.name == "off"), None)
+    if base is None or not cases or rounds < 1:
+        return {}
+    ratios: dict[str, list[float]] = {t.name: [] for t in targets if t is not base}
+    for r in range(rounds):
+        speed = {}
+        for t in [base, *[t for t in targets if t is not base]]:
+            results, seconds = run_suite(t, f"throughput round {r + 1}/{rounds}", cases, max_tokens, concurrency)
+            speed[t.name] = sum(x["tokens"] for x in results) / seconds
+        for name in ratios:
+            ratios[name].append(speed[name] / speed[base.name])
+    return {name: {"median": round(statistics.median(v), 4), "rounds": [round(x, 4) for x in v]}
+            for name, v in ratios.items()}
+
+
 def evaluate(targets: list[Target], suites: dict, max_tokens: int, concurrency: int,
-             judge_url: str | None, judge_model: str, within: int) -> dict:
+             judge_url: str | None, judge_model: str, within: int, throughput_rounds: int = 0) -> dict:
     report = {"targets": {}, "suites": {k: len(v) for k, v in suites.items()}}
     for target in targets:
         per_suite = {}
         for name, cases in suites.items():
-            start = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                results = list(tqdm(pool.map(lambda c: target.run(c, max_tokens), cases), total=len(cases),
-                                    desc=f"{target.name}/{name}", unit="req", file=sys.stderr))
-            seconds = time.perf_counter() - start
+            results, seconds = run_suite(target, name, cases, max_tokens, concurrency)
             if judge_url and cases and cases[0]["harmful"]:
                 for case, res in zip(cases, results):
                     res["judge_harmful"] = judge(judge_url, judge_model, case["request"], res["text"])
@@ -166,6 +191,8 @@ def evaluate(targets: list[Target], suites: dict, max_tokens: int, concurrency: 
                  **{k: r[k] for k in ("text", "first_intervention", "error") if k in r}}
                 for c, r in list(zip(cases, results))[:5]]}
         report["targets"][target.name] = {"url": target.url, "policy": target.policy, "suites": per_suite}
+    report["benign_throughput_vs_off"] = throughput_ratios(targets, suites.get("benign", []), max_tokens,
+                                                           concurrency, throughput_rounds)
     return report
 
 
@@ -181,6 +208,10 @@ def markdown(report: dict, within: int) -> str:
                 continue
             lines.append(f"| {suite} (n={report['suites'][suite]}) | {m} | " +
                          " | ".join("-" if v is None else str(v) for v in vals) + " |")
+    ratios = report.get("benign_throughput_vs_off") or {}
+    if ratios:
+        lines.append("| benign | decode throughput vs off (median of interleaved rounds) | " + " | ".join(
+            str(ratios[t]["median"]) if t in ratios else "1.0" for t in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +236,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--within", type=int, default=8, help="intervention deadline for prefill attacks, in tokens")
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--throughput-rounds", type=int, default=3,
+                    help="interleaved off/on rounds of the benign suite for the throughput ratio (0: skip)")
     ap.add_argument("--judge-url", help="OpenAI-compatible endpoint of a judge model (optional)")
     ap.add_argument("--judge-model", default="judge")
     ap.add_argument("--out", default="reports/eval", help="writes OUT.json and OUT.md")
@@ -224,7 +257,7 @@ def main(argv=None) -> None:
         template = chat_template_for(specs[0][1])
         targets = [Target(n, u, json.loads(policies[n]) if n in policies else None, template) for n, u in specs]
         report = evaluate(targets, suites, args.max_tokens, args.concurrency, args.judge_url,
-                          args.judge_model, args.within)
+                          args.judge_model, args.within, args.throughput_rounds)
     finally:
         for s in servers:
             s.stop()

@@ -110,6 +110,7 @@ class HarmProbe:
     def save(self, path: str | Path) -> Path:
         """Write <path>.safetensors and <path>.json; returns the JSON path."""
         base = Path(path).with_suffix("")
+        base.parent.mkdir(parents=True, exist_ok=True)
         tensor_path = base.with_suffix(".safetensors")
         save_file({k: v.contiguous().to(torch.float32) for k, v in self.tensors.items()},
                   str(tensor_path))

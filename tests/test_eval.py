@@ -1,6 +1,7 @@
 """The evaluation harness: metric arithmetic exactly, and one real run against the tiny
 servers (plugin off and on) writing both reports."""
 import json
+import statistics
 
 from tokenwise_safety import eval as harness
 
@@ -40,7 +41,7 @@ def test_live_run_writes_reports(tiny_server, tiny_server_off, tmp_path):
     out = tmp_path / "eval"
     harness.main(["--target", f"off={tiny_server_off.url}", "--target", f"shadow={tiny_server.url}",
                   "--target", f"enforce={tiny_server.url}", "--policy", 'enforce={"mode": "enforce"}',
-                  "--limit", "3", "--max-tokens", "6", "--out", str(out)])
+                  "--limit", "3", "--max-tokens", "6", "--throughput-rounds", "2", "--out", str(out)])
     report = json.loads(out.with_suffix(".json").read_text())
     assert set(report["targets"]) == {"off", "shadow", "enforce"}
     for suite, n in report["suites"].items():
@@ -52,5 +53,10 @@ def test_live_run_writes_reports(tiny_server, tiny_server_off, tmp_path):
     # the tiny model's 1024-token context rejects long jailbreak templates: counted as errors
     assert report["targets"]["off"]["suites"]["benign"]["stats"]["errors"] == 0
     assert report["targets"]["enforce"]["policy"] == {"mode": "enforce"}
+    ratios = report["benign_throughput_vs_off"]
+    assert set(ratios) == {"shadow", "enforce"}
+    for r in ratios.values():
+        assert len(r["rounds"]) == 2 and abs(r["median"] - statistics.median(r["rounds"])) <= 1e-4 and r["median"] > 0
     table = out.with_suffix(".md").read_text()
     assert "| prefill (n=3) | intervention_rate |" in table
+    assert "| benign | decode throughput vs off" in table

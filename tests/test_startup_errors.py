@@ -65,6 +65,20 @@ def test_threshold_out_of_range(tiny_model, tiny_probe):
     assert "--safety-threshold 1.5 must lie strictly between 0 and 1" in error_line(proc)
 
 
+def test_window_out_of_range(tiny_model, tiny_probe):
+    proc = launch(tiny_model, "--safety-plugin", "tokenwise", "--safety-probe", str(tiny_probe),
+                  "--safety-window", "0")
+    assert proc.returncode == 2
+    assert "--safety-window 0 must be between 1 and 8" in error_line(proc)
+
+
+def test_probe_layer_outside_the_model(tiny_model, tmp_path):
+    path = random_probe(tiny_model, tmp_path / "deep.json", layers=(5, -1))  # the tiny model has 2 layers
+    proc = launch(tiny_model, "--safety-plugin", "tokenwise", "--safety-probe", str(path))
+    assert proc.returncode == 2
+    assert "reads layers [5], outside 1..2 of the served model" in error_line(proc)
+
+
 def test_stock_sglang_does_not_know_the_flag(tiny_model):
     from conftest import STOCK_ENV
     proc = launch(tiny_model, "--safety-plugin", "tokenwise", env=STOCK_ENV)

@@ -30,7 +30,7 @@ class LayerTap:
     def _hook(self, module, args, output):
         if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
             raise RuntimeError(f"{type(module).__name__} returned no residual sum: this model's "
-                               "layers cannot be tapped (calibrate with --layers -1)")
+                               "layers cannot be tapped (calibrate with --layer-sets=-1)")
         stream = output[1]
         n = stream.shape[0]
         if self.buf is None or self.buf.shape[0] < n or self.buf.dtype != stream.dtype \
@@ -58,7 +58,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
         if isinstance(obj, torch.nn.ModuleList):
             return obj
     raise RuntimeError(f"cannot find the decoder layers of {type(model).__name__}: the probe's "
-                       "non-final layers cannot be captured (calibrate with --layers -1)")
+                       "non-final layers cannot be captured (calibrate with --layer-sets=-1)")
 
 
 def install(model: torch.nn.Module, layers: list[int]) -> dict[int, LayerTap]:
@@ -75,7 +75,7 @@ def install(model: torch.nn.Module, layers: list[int]) -> dict[int, LayerTap]:
         norm = getattr(blocks[index], "input_layernorm", None)
         if norm is None:
             raise RuntimeError(f"decoder layer {index} of this model has no input_layernorm to tap "
-                               "(calibrate with --layers -1)")
+                               "(calibrate with --layer-sets=-1)")
         taps[index] = LayerTap(norm)
     return taps
 

@@ -2,8 +2,9 @@
 batched re-draw. No SGLang import: the seams in patches/enforce.py drive it.
 
 A sampled token stays *pending* until the next forward pass has produced, and the probe
-scored, its own hidden state. A pending token scored at or over the request's threshold
-is vetoed: it is removed and its position re-drawn from the parent distribution (the
+scored, its own hidden state. A pending token judged harmful (its score and the scores
+of the window-1 committed positions before it all at or over the request's threshold;
+the window rule itself runs batched in patches/enforce.ParentTable) is vetoed: it is removed and its position re-drawn from the parent distribution (the
 logits that produced it, kept as their top-k) with every vetoed candidate masked. When
 no top-k candidate is left, or a position has been vetoed more than `max_vetoes` times,
 the request is steered into the safe pivot: a fixed token sequence forced one token per

@@ -241,6 +241,75 @@ def _cached(name: str, key: dict, compute, refresh: bool):
     return value
 
 
+LABELS = {"everyday": 0, "borderline": 0, "prefill": 1}  # own-answer kinds scored for choices
+
+
+class Fitter:
+    """Fits probes on the labelled examples plus chosen own answers, and scores own answers.
+    Own answers to training prompts fall into FOLDS folds (by prompt); the sampled kinds
+    share their greedy kind's prompts, order and folds."""
+
+    def __init__(self, xtr, ytr, own, cases, k, seed, config):
+        self.xtr, self.ytr, self.own, self.k, self.seed, self.config = xtr, ytr, own, k, seed, config
+        rng = np.random.default_rng(seed)
+        self.split = {}
+        for kind, kind_cases in cases.items():
+            held = np.array([datasets.is_heldout(p) for p, _ in kind_cases])
+            self.split[kind] = {"train": ~held, "heldout": held,
+                                "fold": np.where(held, -1, rng.integers(0, FOLDS, len(kind_cases)))}
+        for kind, base in SAMPLED.items():
+            self.split[kind] = self.split[base]
+        self.fit_labels = {**LABELS, **{kind: 0 for kind in SAMPLED}}
+
+    def fit(self, layer_set, c, use) -> HarmProbe:
+        """use[kind]: mask of own answers joining the labelled examples in the fit."""
+        xs, ys = [concat(self.xtr, layer_set)], [self.ytr]
+        for kind, label in self.fit_labels.items():
+            a = concat({i: self.own[kind][i][use[kind]] for i in layer_set}, layer_set)
+            xs.append(a.reshape(-1, a.shape[-1]))
+            ys.append(np.full(xs[-1].shape[0], label))
+        pieces = fit(np.concatenate(xs), np.concatenate(ys), self.k, self.seed, c)
+        return probe_from(pieces, _meta(self.config, layer_set, self.k, 0.5, 1, {}, {}))
+
+    def own_scores(self, probe, layer_set, rows) -> dict:
+        out = {}
+        for kind in LABELS:
+            x = concat({i: self.own[kind][i][rows[kind]] for i in layer_set}, layer_set)
+            out[kind] = probe.score(torch.from_numpy(x.reshape(-1, x.shape[-1]))).numpy().reshape(x.shape[:2])
+        return out
+
+    def out_of_fold(self, layer_set, c) -> dict:
+        """Scores of every training prompt's own answers from the fit that left its fold out."""
+        split = self.split
+        scores = {kind: np.zeros(self.own[kind][layer_set[0]].shape[:2], np.float32) for kind in LABELS}
+        for f in tqdm(range(FOLDS), desc=f"layers {layer_set} C {c}", unit="fold", file=sys.stderr):
+            probe = self.fit(layer_set, c, {k: split[k]["train"] & (split[k]["fold"] != f) for k in self.fit_labels})
+            held_in = {k: split[k]["fold"] == f for k in LABELS}
+            for kind, s in self.own_scores(probe, layer_set, held_in).items():
+                scores[kind][held_in[kind]] = s
+        return {kind: s[split[kind]["train"]] for kind, s in scores.items()}
+
+
+def select(fitter: Fitter, layer_sets, cs, windows, targets):
+    """The grid of out-of-fold results and the choice (layers, C, window, threshold): most
+    prefill attacks caught; ties: fewer benign answers judged harmful."""
+    best, grid = None, []
+    for layer_set in layer_sets:
+        for c in cs:
+            scores = fitter.out_of_fold(layer_set, c)
+            for window in windows:
+                threshold = request_threshold(scores, window, targets)
+                rates = request_rates(scores, threshold, window)
+                grid.append({"layers": layer_set, "C": c, "window": window, "threshold": round(threshold, 4),
+                             "out_of_fold": rates})
+                print(f"layers {layer_set} C {c} window {window}: threshold {threshold:.4f} "
+                      f"out-of-fold {rates}", file=sys.stderr)
+                key = (rates[f"prefill_within_{WITHIN}"], -rates["everyday"] - rates["borderline"])
+                if best is None or key > best[0]:
+                    best = (key, (layer_set, c, window, threshold))
+    return grid, best[1]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF model folder (default: the bundled Gemma 3 270M)")
@@ -287,65 +356,13 @@ def main(argv=None) -> None:
     feats = extract_all(model, tokenizer, train, test, cases, layers, args, config)
     xtr, ytr, xte, yte, pte, own = (feats[k] for k in ("xtr", "ytr", "xte", "yte", "pte", "own"))
 
-    # Own answers to training prompts: FOLDS-fold out-of-fold scores choose the layer set,
-    # C and window and set the threshold; the final fit then uses all of them.
-    rng = np.random.default_rng(args.seed)
-    split = {}
-    for kind, kind_cases in cases.items():
-        held = np.array([datasets.is_heldout(p) for p, _ in kind_cases])
-        split[kind] = {"train": ~held, "heldout": held,
-                       "fold": np.where(held, -1, rng.integers(0, FOLDS, len(kind_cases)))}
-    for kind, base in SAMPLED.items():
-        split[kind] = split[base]  # same prompts, same order: same folds
-    labels = {"everyday": 0, "borderline": 0, "prefill": 1}
-    fit_labels = {**labels, **{kind: 0 for kind in SAMPLED}}
-
-    def fit_on(layer_set, c, use):
-        """use[kind]: mask of own answers joining the labelled examples in the fit."""
-        xs, ys = [concat(xtr, layer_set)], [ytr]
-        for kind, label in fit_labels.items():
-            a = concat({i: own[kind][i][use[kind]] for i in layer_set}, layer_set)
-            xs.append(a.reshape(-1, a.shape[-1]))
-            ys.append(np.full(xs[-1].shape[0], label))
-        pieces = fit(np.concatenate(xs), np.concatenate(ys), args.k, args.seed, c)
-        return probe_from(pieces, _meta(config, layer_set, args.k, 0.5, 1, {}, {}))
-
-    def own_scores(probe, layer_set, rows):
-        out = {}
-        for kind in labels:
-            x = concat({i: own[kind][i][rows[kind]] for i in layer_set}, layer_set)
-            out[kind] = probe.score(torch.from_numpy(x.reshape(-1, x.shape[-1]))).numpy().reshape(x.shape[:2])
-        return out
-
-    def out_of_fold(layer_set, c):
-        scores = {kind: np.zeros(own[kind][layer_set[0]].shape[:2], np.float32) for kind in labels}
-        for f in tqdm(range(FOLDS), desc=f"layers {layer_set} C {c}", unit="fold", file=sys.stderr):
-            probe = fit_on(layer_set, c, {k: split[k]["train"] & (split[k]["fold"] != f) for k in fit_labels})
-            held_in = {k: split[k]["fold"] == f for k in labels}
-            for kind, s in own_scores(probe, layer_set, held_in).items():
-                scores[kind][held_in[kind]] = s
-        return {kind: s[split[kind]["train"]] for kind, s in scores.items()}
-
-    best, grid = None, []
-    for layer_set in layer_sets:
-        for c in cs:
-            scores = out_of_fold(layer_set, c)
-            for window in windows:
-                threshold = request_threshold(scores, window, targets)
-                rates = request_rates(scores, threshold, window)
-                grid.append({"layers": layer_set, "C": c, "window": window, "threshold": round(threshold, 4),
-                             "out_of_fold": rates})
-                print(f"layers {layer_set} C {c} window {window}: threshold {threshold:.4f} "
-                      f"out-of-fold {rates}", file=sys.stderr)
-                # most prefill attacks caught; ties: fewer benign answers judged harmful
-                key = (rates[f"prefill_within_{WITHIN}"], -rates["everyday"] - rates["borderline"])
-                if best is None or key > best[0]:
-                    best = (key, layer_set, c, window, threshold)
-    _, layer_set, c, window, threshold = best
-    probe = fit_on(layer_set, c, {k: split[k]["train"] for k in fit_labels})
+    fitter = Fitter(xtr, ytr, own, cases, args.k, args.seed, config)
+    grid, (layer_set, c, window, threshold) = select(fitter, layer_sets, cs, windows, targets)
+    probe = fitter.fit(layer_set, c, {k: fitter.split[k]["train"] for k in fitter.fit_labels})
+    split, labels = fitter.split, LABELS
 
     s_test = probe.score(torch.from_numpy(concat(xte, layer_set))).numpy()
-    heldout_answers = request_rates(own_scores(probe, layer_set, {k: split[k]["heldout"] for k in labels}),
+    heldout_answers = request_rates(fitter.own_scores(probe, layer_set, {k: split[k]["heldout"] for k in labels}),
                                     threshold, window)
     metrics = {
         "heldout_auroc": auroc_by_position(s_test, yte, pte),

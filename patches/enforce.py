@@ -118,16 +118,17 @@ def apply(worker, batch, result, scores: torch.Tensor, config: dict, trace_extra
     decode = batch.forward_mode.is_decode()
     # Middle chunks of a chunked prefill sample nothing: they neither veto nor set parents.
     live = [decode or req.inflight_middle_chunks <= 0 for req in batch.reqs]
-    thresholds = torch.tensor([s.policy.threshold if ok and s.policy.enforce and not s.pending_forced
-                               else float("inf") for s, ok in zip(states, live)], device=scores.device)
     vals, ids = _Step.topk
+    scores = scores.to(vals.device)
+    thresholds = torch.tensor([s.policy.threshold if ok and s.policy.enforce and not s.pending_forced
+                               else float("inf") for s, ok in zip(states, live)], device=vals.device)
     table = _table(worker, config)
     slots = batch.req_pool_indices.to(vals.device)
-    judged = table.judged(slots, scores.to(vals.device), fresh=not decode)
-    over = judged >= thresholds.to(vals.device)  # prefill: the prompt's state; decode: the pending token's
+    judged = table.judged(slots, scores, fresh=not decode)
+    over = judged >= thresholds  # prefill: the prompt's state; decode: the pending token's
     keep = (~over if decode else torch.ones_like(over)) & torch.tensor(live, device=over.device)
     table.write(slots, keep, vals, ids)
-    table.commit(slots, keep, scores.to(vals.device))
+    table.commit(slots, keep, scores)
     over_rows = over.nonzero().flatten().tolist()
     next_ids = result.next_token_ids
     entries: list = [None] * len(states)

@@ -106,10 +106,11 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
             raise ProbeError(f"probe {cfg.probe_path} was calibrated on model {probe.meta.model_fingerprint}, "
                              f"served model is {fp}: calibrate a probe for this model "
                              "(python -m tokenwise_safety.calibrate --model ...)")
-    layers = _served_layers(probe, model_cfg, cfg.probe_path) if cfg.scorer == "probe" else []
-    token_ids = cfg.scorer != "probe"  # flags single tokens: judged one position at a time
+    # The token-ids scorer reads no hidden state and flags single tokens: window 1.
+    probe_scorer = cfg.scorer == "probe"
+    layers = _served_layers(probe, model_cfg, cfg.probe_path) if probe_scorer else []
     return {"probe_path": str(cfg.probe_path), "mode": cfg.mode, "layers": layers,
-            "window": cfg.window or (1 if token_ids else probe.meta.window),
+            "window": cfg.window or (probe.meta.window if probe_scorer else 1),
             "threshold": cfg.threshold if cfg.threshold is not None else probe.threshold,
             "top_k": cfg.top_k, "max_vetoes": cfg.max_vetoes, "pivot": cfg.pivot,
             "keep_overlap": cfg.keep_overlap, "enforce_possible": not cfg.keep_overlap,

@@ -208,11 +208,11 @@ def extract_all(model, tokenizer, train, test, cases, layers, args, config) -> d
     def labelled(examples):
         return lambda: extract(model, tokenizer, examples, layers, args.batch_size, args.max_response_tokens)
 
-    def answers(kind, sample=False):
+    def answers(kind):
         def run():
             torch.manual_seed(args.seed)
             return own_answers(model, tokenizer, cases[SAMPLED.get(kind, kind)], layers, ANSWER_TOKENS,
-                               args.batch_size, kind, sample)
+                               args.batch_size, kind, sample=kind in SAMPLED)
         return run
 
     xtr, ytr, _, _ = _cached("labelled-train", {**common, "max_response": args.max_response_tokens,
@@ -223,7 +223,7 @@ def extract_all(model, tokenizer, train, test, cases, layers, args, config) -> d
                                labelled(test), args.no_cache)
     own = {kind: _cached(f"own-{kind}", {**common, "answer_tokens": ANSWER_TOKENS, "sample": kind in SAMPLED,
                                          "cases": cases[SAMPLED.get(kind, kind)]},
-                         answers(kind, kind in SAMPLED), args.no_cache)
+                         answers(kind), args.no_cache)
            for kind in [*cases, *SAMPLED]}
     return {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte, "pte": pte, "own": own}
 

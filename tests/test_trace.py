@@ -1,3 +1,6 @@
+import numpy as np
+
+from tokenwise_safety import calibrate
 from tokenwise_safety.scoring import last_positions
 from tokenwise_safety.trace import judged_harmful, summarize
 
@@ -48,5 +51,7 @@ def test_parent_table_applies_the_same_window_rule_batched():
         j = table.judged(slots, scores, fresh=step == 0)
         table.commit(slots, torch.ones(2, dtype=torch.bool), scores)
         judged.append((j >= 0.7).tolist())
+    offline = calibrate.judged(np.array(seqs), window=2) >= 0.7  # the calibration's copy of the rule
     for row, seq in enumerate(seqs):
         assert [i for i, flags in enumerate(judged) if flags[row]] == judged_harmful(seq, 0.7, window=2)
+        assert list(np.flatnonzero(offline[row])) == judged_harmful(seq, 0.7, window=2)

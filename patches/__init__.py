@@ -6,7 +6,8 @@ Hooks are inert unless the server was launched with --safety-plugin.
 """
 from __future__ import annotations
 
-from . import enforce, layer_capture, meta_info, openai_trace, server_args, worker_scoring
+from . import (held_finish, held_stream, layer_capture, meta_info, openai_policy, openai_trace, parent_capture,
+               retraction, rollback, server_args, trace_entries, worker_scoring)
 
 _HOOKS = (
     (server_args.ADD_CLI_ARGS, server_args.add_cli_args, "AFTER"),
@@ -14,13 +15,15 @@ _HOOKS = (
     (layer_capture.LOAD_MODEL, layer_capture.after_load_model, "AFTER"),
     (worker_scoring.TARGET, worker_scoring.before_forward, "BEFORE"),
     (worker_scoring.TARGET, worker_scoring.after_forward, "AFTER"),
-    (enforce.SAMPLER_PREPROCESS, enforce.after_sampler_preprocess, "AFTER"),
-    (enforce.UPDATE_CACHE, enforce.after_update_cache, "AFTER"),
-    (enforce.COLLECT_INFO, enforce.after_collect_info, "AFTER"),
-    (enforce.UPDATE_FINISH, enforce.around_update_finish, "AROUND"),
-    (enforce.STREAM_OUTPUT, enforce.around_stream_output, "AROUND"),
+    (parent_capture.SAMPLER_PREPROCESS, parent_capture.after_sampler_preprocess, "AFTER"),
+    (rollback.UPDATE_CACHE, rollback.after_update_cache, "AFTER"),
+    (trace_entries.COLLECT_INFO, trace_entries.after_collect_info, "AFTER"),
+    (held_finish.UPDATE_FINISH, held_finish.around_update_finish, "AROUND"),
+    (held_stream.STREAM_OUTPUT, held_stream.around_stream_output, "AROUND"),
+    (retraction.RELEASE_REQ, retraction.before_release_req, "BEFORE"),
     (meta_info.UPDATE_META, meta_info.after_update_meta, "AFTER"),
     (meta_info.GENERATE, meta_info.around_generate, "AROUND"),
+    (openai_policy.HANDLE_REQUEST, openai_policy.around_handle_request, "AROUND"),
     (openai_trace.CHAT_RESPONSE, openai_trace.after_build_response, "AFTER"),
     (openai_trace.COMPLETION_RESPONSE, openai_trace.after_build_response, "AFTER"),
     (openai_trace.CHAT_STREAM, openai_trace.around_stream, "AROUND"),

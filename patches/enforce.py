@@ -1,35 +1,44 @@
-"""Seam: token commit with verification inside SGLang's non-overlap decode loop.
+"""Token commit with verification: the per-step core of enforce mode (not a seam itself).
 
-Hooks (all inert unless a request in the batch is enforced):
-* AFTER Sampler._preprocess_logits: keep this step's top-k logits (the parent
-  distribution of the tokens sampled now), before temperature and sampling touch them.
-* `apply` (called by worker_scoring after scoring): veto pending tokens over threshold,
-  re-draw them (or force the pivot) by writing next_token_ids in place, which SGLang
-  relays as the next step's input.
-* AFTER Scheduler.update_cache_from_scheduler: roll the vetoed token back (output_ids,
-  sequence length, KV slot) before results are processed.
-* AFTER _maybe_collect_customized_info: drop the vetoed token's trace entry.
-* AROUND Req.update_finish_state: a finishing token is held until its state is scored.
-* AROUND SchedulerOutputStreamer.stream_output: never emit the pending token.
-Requires --disable-overlap-schedule (set automatically): with overlap, step k+1 is
-launched before step k's veto is known.
+`apply` runs once per forward, called by patches/worker_scoring.py after scoring: it
+vetoes pending tokens judged harmful, re-draws them from the parent distribution (or
+forces the pivot, or ends the request) by writing next_token_ids in place, which SGLang
+relays as the next step's input. The seams that carry the rest, one module each:
+parent_capture (the sampler keeps the parent top-k), rollback (the vetoed token leaves
+output, sequence length and KV slot), trace_entries (the trace stays aligned with the
+output), held_finish (a finishing token waits for its score; plugin-ended requests finish
+with content_filter), held_stream (the pending token is never streamed) and retraction
+(a retracted request's pending token is forced again at re-prefill). Requires
+--disable-overlap-schedule (set automatically): with overlap, step k+1 is launched before
+step k's veto is known.
+
+Rows of one forward, by kind: a PROMPT row is a request's first forward (its prompt's last
+chunk); a PENDING row computes the state of the request's pending token (every decode row,
+and decode rows that SGLang mixes into an extend batch with --enable-mixed-chunk); a
+RESAMPLE row is a retracted request being re-prefilled; MIDDLE rows are chunks of a
+chunked prefill that sample nothing.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from tokenwise_safety import metrics
+from tokenwise_safety import admission, metrics
 from tokenwise_safety.commit import Intervention, RequestPolicy, RequestState, redraw
 from tokenwise_safety.policy import POLICY_KEY
-from tokenwise_safety.trace import INTERVENTION_KEY, TRACE_KEY
+from tokenwise_safety.trace import INTERVENTION_KEY
 
-SAMPLER_PREPROCESS = "sglang.srt.layers.sampler.Sampler._preprocess_logits"
-UPDATE_CACHE = "sglang.srt.managers.scheduler.Scheduler.update_cache_from_scheduler"
-COLLECT_INFO = ("sglang.srt.managers.scheduler_components.batch_result_processor."
-                "SchedulerBatchResultProcessor._maybe_collect_customized_info")
-UPDATE_FINISH = "sglang.srt.managers.schedule_batch.Req.update_finish_state"
-STREAM_OUTPUT = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.stream_output"
 ATTR = "_tokenwise_state"
+STOP_RECORD = "tokenwise_stop"  # finish-reason field carrying the closing intervention record
+PROMPT, PENDING, RESAMPLE, MIDDLE = "prompt", "pending", "resample", "middle"
+STOP_MESSAGES = {
+    "grammar": "tokenwise-safety: a harmful continuation was vetoed and the request's grammar "
+               "allows neither another candidate nor the safe pivot",
+    "second_pivot": "tokenwise-safety: the answer turned harmful again after the safe pivot",
+    "error": "tokenwise-safety: the safety check failed for this step (--safety-on-error fail-closed)",
+}
+logger = logging.getLogger(__name__)
 
 
 class _Step:
@@ -37,19 +46,12 @@ class _Step:
     one step at a time: the non-overlap loop is sequential)."""
     capture_k = 0  # > 0: keep this step's top-k logits
     topk: tuple[torch.Tensor, torch.Tensor] | None = None
-    rollback: list[int] = []  # batch rows whose pending token was vetoed
+    rollback: list[int] = []  # batch rows whose pending token is taken back
+    table: "ParentTable | None" = None  # one per scheduler process
 
 
 def state_of(req) -> RequestState | None:
     return getattr(req, ATTR, None)
-
-
-def after_sampler_preprocess(logits, sampler, *args, **kwargs):
-    if _Step.capture_k:
-        vals, ids = torch.topk(logits, min(_Step.capture_k, logits.shape[-1]), dim=-1)
-        _Step.topk = (vals.float(), ids)
-        _Step.capture_k = 0
-    return logits
 
 
 def arm(top_k: int) -> None:
@@ -57,26 +59,40 @@ def arm(top_k: int) -> None:
     _Step.topk, _Step.rollback, _Step.capture_k = None, [], top_k
 
 
-def request_policy(req, config: dict) -> RequestPolicy:
-    """The request's effective policy: its state's once it has one, else its (already
-    validated) request field over the launch config."""
-    st = state_of(req)
-    if st is not None:
-        return st.policy
-    policy = (req.sampling_params.custom_params or {}).get(POLICY_KEY) or {}
-    return RequestPolicy(enforce=policy.get("mode", config["mode"]) == "enforce",
-                         threshold=float(policy.get("threshold", config["threshold"])))
-
-
-def _init_states(batch, config, pivot_ids) -> list[RequestState]:
+def states_of(worker, batch, config) -> list[RequestState]:
+    """Each request's state, created on first sight from its admitted policy."""
     states = []
     for req in batch.reqs:
         st = state_of(req)
         if st is None:
-            st = RequestState(request_policy(req, config), pivot_ids)
+            st = RequestState(_admitted_policy(req, config))
             setattr(req, ATTR, st)
         states.append(st)
     return states
+
+
+def _admitted_policy(req, config: dict) -> RequestPolicy:
+    custom = req.sampling_params.custom_params
+    raw = custom.get(POLICY_KEY) if isinstance(custom, dict) else None
+    policy, trusted = admission.admit(raw, config)
+    trusted = trusted and (custom is None or isinstance(custom, dict))  # the HTTP side refuses others
+    if not trusted:
+        metrics.count_untrusted_policy()
+        logger.warning("tokenwise safety: request %s carried an unvalidated policy; using the operator's",
+                       getattr(req, "rid", "?"))
+    origin = "client" if policy != {"mode": config["mode"], "threshold": float(config["threshold"])} \
+        else "operator"
+    return RequestPolicy(enforce=policy["mode"] == "enforce", threshold=policy["threshold"], origin=origin)
+
+
+def _kind(req, st: RequestState, decode: bool) -> str:
+    if decode:
+        return PENDING
+    if req.inflight_middle_chunks > 0:
+        return MIDDLE
+    if st.resample_token is not None:
+        return RESAMPLE
+    return PENDING if len(req.output_ids) else PROMPT
 
 
 class ParentTable:
@@ -94,13 +110,12 @@ class ParentTable:
         self.vals[rows] = vals[keep]
         self.ids[rows] = ids[keep]
 
-    def judged(self, slots: torch.Tensor, scores: torch.Tensor, fresh: bool) -> torch.Tensor:
+    def judged(self, slots: torch.Tensor, scores: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
         """Scores under the window rule: each one capped by the request's recent committed
-        scores (fresh: a prompt, which has none before it)."""
-        if fresh:
-            self.recent[slots] = float("inf")
+        scores (fresh rows: prompts, which have none before them)."""
         if not self.recent.shape[1]:
             return scores
+        self.recent[slots[fresh]] = float("inf")
         return torch.minimum(scores, self.recent[slots].min(dim=1).values)
 
     def commit(self, slots: torch.Tensor, keep: torch.Tensor, scores: torch.Tensor) -> None:
@@ -109,43 +124,88 @@ class ParentTable:
             self.recent[slots[keep]] = shifted[keep]
 
 
-def apply(worker, batch, result, scores: torch.Tensor, config: dict, trace_extra: dict) -> None:
-    """Veto / re-draw / pivot for one forward step. Mutates result.next_token_ids and the
-    request states, records the rows to roll back and the step's intervention entries."""
-    if _Step.topk is None or result.next_token_ids is None:
-        return
-    states = _init_states(batch, config, _pivot_ids(worker, config))
-    decode = batch.forward_mode.is_decode()
-    # Middle chunks of a chunked prefill sample nothing: they neither veto nor set parents.
-    live = [decode or req.inflight_middle_chunks <= 0 for req in batch.reqs]
-    vals, ids = _Step.topk
-    scores = scores.to(vals.device)
-    thresholds = torch.tensor([s.policy.threshold if ok and s.policy.enforce and not s.pending_forced
-                               else float("inf") for s, ok in zip(states, live)], device=vals.device)
-    table = _table(worker, config)
-    slots = batch.req_pool_indices.to(vals.device)
-    judged = table.judged(slots, scores, fresh=not decode)
-    over = judged >= thresholds  # prefill: the prompt's state; decode: the pending token's
-    keep = (~over if decode else torch.ones_like(over)) & torch.tensor(live, device=over.device)
-    table.write(slots, keep, vals, ids)
-    table.commit(slots, keep, scores)
-    over_rows = over.nonzero().flatten().tolist()
+def apply(worker, batch, result, scores: torch.Tensor, ok: torch.Tensor, config: dict,
+          trace_extra: dict) -> None:
+    """Veto / re-draw / pivot / end for one forward step. Mutates result.next_token_ids
+    and the request states, records the rows to roll back and the step's intervention
+    entries. ok [N] bool: rows whose score is usable (the others failed, --safety-on-error)."""
     next_ids = result.next_token_ids
+    if next_ids is None:
+        return
+    states = states_of(worker, batch, config)
+    decode = batch.forward_mode.is_decode()
+    kinds = [_kind(req, st, decode) for req, st in zip(batch.reqs, states)]
+    failed = (~ok).nonzero().flatten().tolist() if not bool(ok.all()) else []
+    stops = _fail(batch.reqs, states, kinds, failed, config)
     entries: list = [None] * len(states)
-    if not decode:
-        for i in over_rows:  # a harmful prompt: the answer starts with the pivot
-            st = states[i]
-            next_ids[i] = st.start_pivot(0, [{"prompt_score": round(float(scores[i]), 6)}])
-            entries[i] = st.commit_open()  # index 0 of the trace is output position 0
-            metrics.count_pivot()
-    else:
-        _veto(batch, states, over_rows, scores, table, next_ids, config)
-        _Step.rollback = over_rows
-        vetoed = set(over_rows)
-        for i, st in enumerate(states):
-            if i not in vetoed:
-                entries[i] = _commit_pending(st, next_ids, i)
+    rollback = [i for i in stops if kinds[i] == PENDING and states[i].policy.enforce]
+    if _Step.topk is not None:
+        rollback += _judge(worker, batch, states, kinds, scores, ok, stops, next_ids, entries, config)
+    _Step.rollback = rollback
     trace_extra[INTERVENTION_KEY] = entries
+
+
+def _fail(reqs, states, kinds, failed: list[int], config) -> set[int]:
+    """Rows whose scoring failed: fail-closed ends them (returned), fail-open lets them run."""
+    if not failed:
+        return set()
+    closed = config["on_error"] == "fail-closed"
+    metrics.count_errors("fail_closed" if closed else "fail_open", len(failed))
+    if not closed:
+        return set()
+    stops = set()
+    for i in failed:
+        if kinds[i] != MIDDLE and states[i].stop is None:
+            states[i].end_here(len(reqs[i].output_ids) - (kinds[i] == PENDING and states[i].policy.enforce),
+                               [], "error")
+            metrics.count_finish("error")
+            stops.add(i)
+    return stops
+
+
+def _judge(worker, batch, states, kinds, scores, ok, stops, next_ids, entries, config) -> list[int]:
+    """The enforce step proper; returns the rows whose pending token is vetoed."""
+    vals, ids = _Step.topk
+    dev = vals.device
+    scores = scores.to(dev)
+    n = len(states)
+    mask = lambda pred: torch.tensor([pred(i) for i in range(n)], dtype=torch.bool, device=dev)  # noqa: E731
+    live = mask(lambda i: kinds[i] != MIDDLE and i not in stops)
+    scored = mask(lambda i: kinds[i] in (PROMPT, PENDING)) & ok.to(dev) & live
+    judge = scored & mask(lambda i: states[i].policy.enforce and not states[i].pending_forced)
+    thresholds = torch.tensor([st.policy.threshold for st in states], device=dev)
+    table = _table(worker, config, dev)
+    slots = batch.req_pool_indices.to(dev)
+    _restore_history(table, batch, kinds, states)
+    judged = table.judged(slots, scores, mask(lambda i: kinds[i] == PROMPT))
+    over = (judged >= thresholds) & judge
+    over_rows = over.nonzero().flatten().tolist()  # the step's one host sync
+    vetoed = [i for i in over_rows if kinds[i] == PENDING]
+    keep = live & ~mask(lambda i: i in vetoed)
+    table.write(slots, keep, vals, ids)
+    table.commit(slots, keep & scored, scores)
+    for i in over_rows:
+        if kinds[i] == PROMPT:  # a harmful prompt: the answer starts with the pivot
+            record = [{"prompt_score": round(float(scores[i]), 6)}]
+            _pivot_or_end(worker, config, batch.reqs[i], states[i], 0, record, next_ids, i)
+            entries[i] = states[i].commit_open()  # index 0 of the trace is output position 0
+    _veto(worker, batch, states, vetoed, scores, table, next_ids, config)
+    for i, (st, kind) in enumerate(zip(states, kinds)):
+        if kind == RESAMPLE:
+            next_ids[i] = st.resample_token
+            st.resample_token, st.vetoed_now = None, True  # this step re-scored a committed state
+        elif kind == PENDING and i not in vetoed and i not in stops:
+            entries[i] = _commit_pending(st, next_ids, i)
+    return vetoed
+
+
+def _restore_history(table: ParentTable, batch, kinds, states) -> None:
+    """A re-prefilled request has a new slot: put its window history back."""
+    for i, kind in enumerate(kinds):
+        st = states[i]
+        if kind == RESAMPLE and st.saved_history is not None and table.recent.shape[1]:
+            table.recent[batch.req_pool_indices[i]] = st.saved_history.to(table.recent.device)
+            st.saved_history = None
 
 
 def _commit_pending(st: RequestState, next_ids, i: int) -> dict | None:
@@ -161,9 +221,9 @@ def _commit_pending(st: RequestState, next_ids, i: int) -> dict | None:
     return record
 
 
-def _veto(batch, states, rows, scores, table, next_ids, config) -> None:
+def _veto(worker, batch, states, rows, scores, table, next_ids, config) -> None:
     """Re-draw each vetoed row from its parent's top-k, all its vetoed candidates masked;
-    rows with nothing left, or vetoed more than max_vetoes times, get the pivot."""
+    rows with nothing left, or vetoed more than max_vetoes times, get the pivot (or end)."""
     if not rows:
         return
     reqs = [batch.reqs[i] for i in rows]
@@ -172,7 +232,7 @@ def _veto(batch, states, rows, scores, table, next_ids, config) -> None:
         if st.open is None:
             st.open = Intervention(len(req.output_ids) - 1, [])
         st.open.vetoed.append({"token": int(req.output_ids[-1]), "score": round(float(scores[i]), 6)})
-        metrics.count_veto()
+        metrics.count_veto(st.policy.origin)
     device = table.vals.device
     slots = batch.req_pool_indices.to(device)[torch.tensor(rows, device=device)]
     cand_vals, cand_ids = table.vals[slots], table.ids[slots]
@@ -188,111 +248,45 @@ def _veto(batch, states, rows, scores, table, next_ids, config) -> None:
         top_p=torch.tensor([p.top_p for p in sp], device=device),
         top_k=torch.tensor([0 if g else max(p.top_k, 0) for p, g in zip(sp, greedy)], device=device),
         greedy=torch.tensor(greedy, device=device))
-    for r, i in enumerate(rows):
+    for r, (i, req) in enumerate(zip(rows, reqs)):
         st = states[i]
         if bool(exhausted[r]) or len(st.open.vetoed) > config["max_vetoes"]:
-            next_ids[i] = st.start_pivot(st.open.position, st.open.vetoed)
-            metrics.count_pivot()
+            _pivot_or_end(worker, config, req, st, st.open.position, st.open.vetoed, next_ids, i)
         else:
             st.open.replacement = int(tokens[r])
             next_ids[i] = tokens[r]
 
 
-def after_update_cache(result, scheduler, batch, batch_result, *a, **kw):
-    """Roll back each vetoed pending token before SGLang processes this step's results:
-    the replacement in next_token_ids then takes its place (same position, same slot)."""
-    rows, _Step.rollback = _Step.rollback, []
-    if not rows:
-        return result
-    for i in rows:
-        req = batch.reqs[i]
-        req.output_ids.pop()
-        req.kv.kv_committed_len -= 1
-        req.kv.kv_allocated_len -= 1
-        if req.grammar is not None:
-            req.grammar.rollback(1)
-        fill = req.full_untruncated_fill_ids
-        keep = len(req.origin_input_ids) + len(req.output_ids)
-        if fill is not req.origin_input_ids and len(fill) > keep:
-            del fill[keep:]
-    rows_t = torch.tensor(rows, device=batch.seq_lens.device)
-    positions = batch.seq_lens[rows_t] - 1
-    slots = batch.out_cache_loc[rows_t.to(batch.out_cache_loc.device)]
-    page = scheduler.page_size
-    if page > 1:  # a paged free releases the whole page: only free pages this token opened
-        slots = slots[(positions % page == 0).to(slots.device)]
-    if slots.numel():
-        scheduler.token_to_kv_pool_allocator.free(slots)
-    batch.seq_lens = batch.seq_lens.clone()
-    batch.seq_lens[rows_t] -= 1
-    batch.seq_lens_cpu = batch.seq_lens_cpu.clone()
-    batch.seq_lens_cpu[torch.tensor(rows)] -= 1
-    if batch.orig_seq_lens is not None:
-        batch.orig_seq_lens = batch.orig_seq_lens.clone()
-        batch.orig_seq_lens[rows_t.to(batch.orig_seq_lens.device)] -= 1
-    batch.seq_lens_sum = None
-    for i in rows:
-        state_of(batch.reqs[i]).vetoed_now = True
-    return result
+def _pivot_or_end(worker, config, req, st: RequestState, position: int, vetoed: list, next_ids, i: int) -> None:
+    """Steer in the pivot at `position`, or end the request there: a grammar-constrained
+    answer cannot take free text, and a second pivot in one answer would loop."""
+    reason = "grammar" if req.grammar is not None else "second_pivot" if st.pivots else None
+    if reason is not None:
+        st.end_here(position, vetoed, reason)
+        metrics.count_finish(reason)
+        return
+    plain, spaced = _pivot_ids(worker, config)
+    ids = spaced if position > 0 and not _ends_in_space(worker, req.output_ids[position - 1]) else plain
+    next_ids[i] = st.start_pivot(position, vetoed, ids)
+    metrics.count_pivot(st.policy.origin)
 
 
-def after_collect_info(result, processor, i, req, logits_output, *a, **kw):
-    """A vetoed token's trace entries are not the output's: they live in the intervention."""
-    st = state_of(req)
-    if st is not None and st.vetoed_now:
-        st.vetoed_now = False
-        for key in (TRACE_KEY, INTERVENTION_KEY):
-            values = (req.customized_info or {}).get(key)
-            if values:
-                values.pop()
-    return result
+def _ends_in_space(worker, token_id: int) -> bool:
+    text = worker.tokenizer.decode([int(token_id)])
+    return not text or text[-1].isspace()
 
 
-def around_update_finish(original, req, *args, **kwargs):
-    st = state_of(req)
-    if st is None or not st.policy.enforce or req.finished():
-        return original(req, *args, **kwargs)
-    if st.release_finish:  # the finishing token was scored and committed
-        reason, length = st.deferred_finish
-        st.deferred_finish, st.release_finish = None, False
-        req.finished_reason = reason
-        req.finished_len = length if length is not None else len(req.output_ids) - 1
-        return None
-    st.deferred_finish = None
-    out = original(req, *args, **kwargs)
-    if req.finished() and not _is_abort(req.finished_reason):
-        st.deferred_finish = (req.finished_reason, req.finished_len)
-        req.finished_reason, req.finished_len = None, None
-    return out
-
-
-def _is_abort(reason) -> bool:
-    return type(reason).__name__ == "FINISH_ABORT"
-
-
-def around_stream_output(original, streamer, reqs, *args, **kwargs):
-    """Hold back each enforced request's pending (uncommitted) token."""
-    held = []
-    for req in reqs:
-        st = state_of(req)
-        if st is not None and st.policy.enforce and not req.finished() and req.output_ids:
-            held.append((req, req.output_ids.pop()))
-    try:
-        return original(streamer, reqs, *args, **kwargs)
-    finally:
-        for req, tok in held:
-            req.output_ids.append(tok)
-
-
-def _pivot_ids(worker, config) -> list[int]:
+def _pivot_ids(worker, config) -> tuple[list[int], list[int]]:
+    """The pivot's tokens, plain (answer start, or after whitespace) and with a leading
+    space (after a word: the pivot must not splice into it)."""
     if not hasattr(worker, "_tokenwise_pivot"):
-        worker._tokenwise_pivot = worker.tokenizer.encode(config["pivot"], add_special_tokens=False)
+        enc = lambda text: worker.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        worker._tokenwise_pivot = (enc(config["pivot"]), enc(" " + config["pivot"].lstrip()))
     return worker._tokenwise_pivot
 
 
-def _table(worker, config) -> ParentTable:
-    if not hasattr(worker, "_tokenwise_parents"):
+def _table(worker, config, device) -> ParentTable:
+    if _Step.table is None:
         pool = worker.model_runner.req_to_token_pool
-        worker._tokenwise_parents = ParentTable(pool.size + 1, config["top_k"], config["window"],
-                                                _Step.topk[0].device)
-    return worker._tokenwise_parents
+        _Step.table = ParentTable(pool.size + 1, config["top_k"], config["window"], device)
+    return _Step.table

@@ -86,9 +86,13 @@ TAPS_ATTR = "_tokenwise_taps"
 
 def after_load_model(result, runner, *args, **kwargs):
     """Install the taps right after the weights load, before any CUDA graph is captured."""
-    from .server_args import ATTR  # noqa: PLC0415 (patches import each other lazily)
+    from .server_args import ATTR, check_probe_fits  # noqa: PLC0415 (patches import each other lazily)
     config = getattr(runner.server_args, ATTR, None)
     if config is not None and not hasattr(runner, TAPS_ATTR):
+        if config["scorer"] == "probe":  # a hub id was not checked at launch; a folder again, cheaply
+            from tokenwise_safety.probe import HarmProbe
+            check_probe_fits(HarmProbe.load(config["probe_path"]), config["probe_path"],
+                             runner.model_config.hf_config.to_dict(), runner.server_args.model_path)
         setattr(runner, TAPS_ATTR, install(runner.model, config["layers"]))
     return result
 

@@ -12,8 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from tokenwise_safety.config import DEFAULT_PIVOT, MODES, PLUGINS, ConfigError, SafetyConfig
+from tokenwise_safety.config import (DEFAULT_PIVOT, MODES, ON_ERROR, PLUGINS, TRACE_DETAILS, ConfigError,
+                                     SafetyConfig)
+from tokenwise_safety import admission
 from tokenwise_safety.policy import OVERRIDE_KEY_ENV
+from tokenwise_safety.scoring import parse_token_ids
 from tokenwise_safety.probe import HarmProbe, ProbeError, model_fingerprint
 
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
@@ -55,6 +58,15 @@ def add_cli_args(result, parser: argparse.ArgumentParser, *args, **kwargs):
     group.add_argument("--safety-scorer", default="probe",
                        help="'probe' (default) or 'token-ids:ID,...' (flags those token ids; for "
                             "testing the commit mechanism).")
+    group.add_argument("--safety-on-error", choices=ON_ERROR, default="fail-closed",
+                       help="When scoring or enforcement fails for a step (an exception, a NaN or inf "
+                            "score, no hidden state): fail-closed ends the affected requests with a "
+                            "clear finish reason; fail-open lets them continue unscored. The server "
+                            "keeps serving either way, and a counter rises.")
+    group.add_argument("--safety-trace-detail", choices=TRACE_DETAILS, default="decisions",
+                       help="What the harm trace shows a request that does not present the operator "
+                            "key: full (per-token scores and the vetoed token ids), scores (per-token "
+                            "scores, no vetoed ids), decisions (interventions' positions and counts only).")
     return result
 
 
@@ -67,6 +79,7 @@ def from_cli_args(server_args, cls, args: argparse.Namespace, *a, **kw):
         print(f"tokenwise-safety: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     setattr(server_args, ATTR, config)
+    admission.ensure_secret()  # before SGLang starts its children, which inherit it
     if not config["keep_overlap"]:
         # Enforcement rolls back a vetoed token before the next step is prepared, which
         # the overlap scheduler (step k+1 launched before step k is processed) forbids.
@@ -86,26 +99,27 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
     cfg = SafetyConfig(probe_path=probe_path, mode=args.safety_mode, threshold=args.safety_threshold,
                        top_k=args.safety_top_k, max_vetoes=args.safety_max_vetoes, pivot=args.safety_pivot,
                        keep_overlap=args.safety_keep_overlap_schedule, window=args.safety_window,
-                       client_override=args.safety_client_override, scorer=args.safety_scorer)
+                       client_override=args.safety_client_override, scorer=args.safety_scorer,
+                       on_error=args.safety_on_error, trace_detail=args.safety_trace_detail)
     if cfg.client_override and not os.environ.get(OVERRIDE_KEY_ENV):
         raise ConfigError(f"--safety-client-override needs the key in the environment: "
                           f"export {OVERRIDE_KEY_ENV}=<secret>")
     if getattr(args, "speculative_algorithm", None):
         raise ConfigError("--safety-plugin does not support speculative decoding yet "
                           "(drop --speculative-algorithm)")
+    _check_serving_path(args, cfg)
+    if cfg.scorer != "probe":
+        try:
+            parse_token_ids(cfg.scorer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     probe = HarmProbe.load(cfg.probe_path)
     model_cfg = _read_model_config(model_path)
-    if model_cfg is not None:
-        hidden = model_cfg.get("text_config", model_cfg).get("hidden_size")
-        if hidden != probe.meta.hidden_size:
-            raise ProbeError(f"probe {cfg.probe_path} is for hidden size {probe.meta.hidden_size}, "
-                             f"model {model_path} has {hidden}: calibrate a probe for this model "
-                             "(python -m tokenwise_safety.calibrate --model ...)")
-        fp = model_fingerprint(model_cfg)
-        if fp != probe.meta.model_fingerprint:
-            raise ProbeError(f"probe {cfg.probe_path} was calibrated on model {probe.meta.model_fingerprint}, "
-                             f"served model is {fp}: calibrate a probe for this model "
-                             "(python -m tokenwise_safety.calibrate --model ...)")
+    if model_cfg is None:
+        print(f"tokenwise-safety: note: {model_path} is not a local model folder; the probe's hidden-size "
+              "and model-fingerprint checks run when the weights load", file=sys.stderr)
+    else:
+        check_probe_fits(probe, cfg.probe_path, model_cfg, model_path)
     # The token-ids scorer reads no hidden state and flags single tokens: window 1.
     probe_scorer = cfg.scorer == "probe"
     layers = _served_layers(probe, model_cfg, cfg.probe_path) if probe_scorer else []
@@ -114,7 +128,50 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
             "threshold": cfg.threshold if cfg.threshold is not None else probe.threshold,
             "top_k": cfg.top_k, "max_vetoes": cfg.max_vetoes, "pivot": cfg.pivot,
             "keep_overlap": cfg.keep_overlap, "enforce_possible": not cfg.keep_overlap,
-            "client_override": cfg.client_override, "scorer": cfg.scorer}
+            "client_override": cfg.client_override, "scorer": cfg.scorer,
+            "on_error": cfg.on_error, "trace_detail": cfg.trace_detail}
+
+
+# Ingresses that hand tokenized requests to the scheduler without SGLang's TokenizerManager,
+# where the plugin checks each request's policy and shapes its trace.
+UNGUARDED_INGRESS = (("smg_grpc_mode", "--smg-grpc-mode"), ("grpc_mode", "--grpc-mode"),
+                     ("grpc_port", "--grpc-port"), ("sidecar", "--sidecar"))
+# Grammar backends whose matchers can roll a token back (a veto takes the pending token back).
+ROLLBACK_GRAMMARS = (None, "xgrammar", "llguidance", "none")
+
+
+def _check_serving_path(args: argparse.Namespace, cfg: SafetyConfig) -> None:
+    """Refuse launch options the plugin cannot guard or enforce under, one line each."""
+    for attr, flag in UNGUARDED_INGRESS:
+        if getattr(args, attr, None) not in (None, False):
+            raise ConfigError(f"{flag} serves requests that bypass the plugin's policy check; "
+                              "serve over HTTP (drop the flag) or launch without --safety-plugin")
+    if os.environ.get("SGLANG_RUST_SERVER"):
+        raise ConfigError("SGLANG_RUST_SERVER serves requests that bypass the plugin's policy check; "
+                          "unset it or launch without --safety-plugin")
+    if cfg.keep_overlap:
+        return  # shadow only: nothing is vetoed, rolled back or pivoted
+    backend = getattr(args, "grammar_backend", None)
+    if backend not in ROLLBACK_GRAMMARS:
+        raise ConfigError(f"--grammar-backend {backend} cannot roll a vetoed token back; use xgrammar "
+                          "or llguidance, or add --safety-keep-overlap-schedule (shadow only)")
+    if getattr(args, "skip_tokenizer_init", False):
+        raise ConfigError("--skip-tokenizer-init leaves the scheduler without the tokenizer the safe "
+                          "pivot needs; drop it, or add --safety-keep-overlap-schedule (shadow only)")
+
+
+def check_probe_fits(probe: HarmProbe, probe_path, model_cfg: dict, model_name) -> None:
+    """The probe was calibrated on this model: same hidden size, same fingerprint."""
+    hidden = model_cfg.get("text_config", model_cfg).get("hidden_size")
+    if hidden != probe.meta.hidden_size:
+        raise ProbeError(f"probe {probe_path} is for hidden size {probe.meta.hidden_size}, "
+                         f"model {model_name} has {hidden}: calibrate a probe for this model "
+                         "(python -m tokenwise_safety.calibrate --model ...)")
+    fp = model_fingerprint(model_cfg)
+    if fp != probe.meta.model_fingerprint:
+        raise ProbeError(f"probe {probe_path} was calibrated on model {probe.meta.model_fingerprint}, "
+                         f"served model is {fp}: calibrate a probe for this model "
+                         "(python -m tokenwise_safety.calibrate --model ...)")
 
 
 def _served_layers(probe: HarmProbe, model_cfg: dict | None, probe_path) -> list[int]:

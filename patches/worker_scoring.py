@@ -7,7 +7,9 @@ beside the residual streams patches/layer_capture.py taps) are scored for the wh
 batch in one matvec and attached as customized_info, which SGLang appends per request
 and returns in meta_info["harm_score"] (one value per output token). Enforced requests
 then go through the commit step (patches/enforce.py). A BEFORE hook arms the capture of
-the parent distribution when the batch holds an enforced request.
+the parent distribution when the batch holds an enforced request. A step whose scoring
+fails (an exception, no hidden state, a NaN or inf score) never takes the scheduler down:
+its rows go to --safety-on-error (patches/enforce.py ends them or lets them run unscored).
 """
 from __future__ import annotations
 
@@ -48,8 +50,8 @@ def before_forward(worker, batch=None, *args, **kwargs):
     """Arm the parent-distribution capture for this step if a request may be vetoed."""
     config = _config(worker)
     if config is not None and _scorable(batch, kwargs, args):
-        armed = config["enforce_possible"] and any(
-            enforce.request_policy(r, config).enforce for r in batch.reqs)
+        states = enforce.states_of(worker, batch, config)
+        armed = config["enforce_possible"] and any(st.policy.enforce for st in states)
         enforce.arm(config["top_k"] if armed else 0)
     return None
 
@@ -59,20 +61,49 @@ def after_forward(result, worker, batch=None, *args, **kwargs):
     logits_output = getattr(result, "logits_output", None)
     if config is None or not _scorable(batch, kwargs, args) or logits_output is None:
         return result
-    extend_lens = batch.extend_lens if batch.forward_mode.is_extend() else None
-    hidden = features(worker, batch, logits_output, config["layers"], extend_lens)
-    if hidden is None:
-        return result
-    input_ids = None
-    if batch.input_ids is not None:
-        input_ids = last_positions(batch.input_ids[:, None], extend_lens)[:, 0]
-    scores, seconds = config["scorer_obj"].score_step(hidden, input_ids)
-    metrics.observe_probe_seconds(seconds)
+    scores, ok = _score(worker, batch, logits_output, config)
     info = logits_output.customized_info or {}
-    info[TRACE_KEY] = HostScores(scores, on_ready=metrics.observe_scores)
-    enforce.apply(worker, batch, result, scores, config, info)
+    info[TRACE_KEY] = HostScores(scores, ok, on_ready=metrics.observe_scores)
+    try:
+        enforce.apply(worker, batch, result, scores, ok, config, info)
+    except Exception:  # a bug in the veto path must cost its requests, never the server
+        logger.exception("tokenwise safety: enforcement failed for this step")
+        _whole_step_failed(worker, batch, result, scores, config, info)
     logits_output.customized_info = info
     return result
+
+
+def _whole_step_failed(worker, batch, result, scores, config, info) -> None:
+    """Every row of the step goes to --safety-on-error; the veto path is not re-entered."""
+    enforce.arm(0)
+    ok = torch.zeros(len(batch.reqs), dtype=torch.bool)
+    info[TRACE_KEY] = HostScores(scores, ok, on_ready=metrics.observe_scores)
+    try:
+        enforce.apply(worker, batch, result, scores, ok, config, info)
+    except Exception:
+        logger.exception("tokenwise safety: could not apply --safety-on-error for this step")
+        enforce.arm(0)
+
+
+def _score(worker, batch, logits_output, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [N], ok [N] bool): a row is not ok when scoring raised, found no hidden
+    state, or gave NaN/inf (its score is then 0.0, and --safety-on-error decides)."""
+    n = len(batch.reqs)
+    try:
+        extend_lens = batch.extend_lens if batch.forward_mode.is_extend() else None
+        hidden = features(worker, batch, logits_output, config["layers"], extend_lens)
+        if hidden is None:
+            raise RuntimeError("SGLang kept no hidden state for this forward")
+        input_ids = None
+        if batch.input_ids is not None:
+            input_ids = last_positions(batch.input_ids[:, None], extend_lens)[:, 0]
+        scores, seconds = config["scorer_obj"].score_step(hidden, input_ids)
+        metrics.observe_probe_seconds(seconds)
+    except Exception:
+        logger.exception("tokenwise safety: scoring failed for a batch of %d request(s)", n)
+        return torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+    ok = torch.isfinite(scores)
+    return torch.where(ok, scores, torch.zeros_like(scores)), ok
 
 
 def features(worker, batch, logits_output, layers, extend_lens):

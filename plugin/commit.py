@@ -24,6 +24,7 @@ class Intervention:
     vetoed: list[dict]  # [{"token": id, "score": p}, ...] in veto order
     replacement: int | None = None
     pivot: bool = False
+    stop: str | None = None  # the plugin ended the request here: "grammar", "second_pivot", "error"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -33,14 +34,15 @@ class Intervention:
 class RequestPolicy:
     enforce: bool
     threshold: float
+    origin: str = "operator"  # "client": the request tightened the operator's policy
 
 
 class RequestState:
     """One per request, like a grammar matcher. Mutated only by the enforce seam."""
 
-    def __init__(self, policy: RequestPolicy, pivot_ids: list[int]):
+    def __init__(self, policy: RequestPolicy, pivot_ids: list[int] = ()):
         self.policy = policy
-        self.pivot_ids = pivot_ids
+        self.pivot_ids = list(pivot_ids)
         self.pivot_queue: list[int] = []  # pivot tokens still to force
         self.pending_forced = False  # the pending token is a pivot token: never vetoed
         self.open: Intervention | None = None  # interventions at the pending position
@@ -48,14 +50,27 @@ class RequestState:
         self.deferred_finish = None  # (reason, finished_len) held until the last token is scored
         self.release_finish = False
         self.vetoed_now = False  # this step rolled the pending token back
+        self.pivots = 0
+        self.stop: Intervention | None = None  # set: the request ends at this step
+        self.resample_token: int | None = None  # popped at a retraction, forced again at re-prefill
+        self.saved_history = None  # window history kept across a retraction (new slot)
 
-    def start_pivot(self, position: int, vetoed: list[dict]) -> int:
+    def start_pivot(self, position: int, vetoed: list[dict], pivot_ids: list[int] | None = None) -> int:
         """Begin forcing the pivot at `position`; returns the token to emit now. The
         record stays open until that token's own state has been scored."""
-        self.open = Intervention(position, vetoed, self.pivot_ids[0], pivot=True)
-        self.pivot_queue = list(self.pivot_ids[1:])
+        ids = pivot_ids or self.pivot_ids
+        self.open = Intervention(position, vetoed, ids[0], pivot=True)
+        self.pivot_queue = list(ids[1:])
         self.pending_forced = True
-        return self.pivot_ids[0]
+        self.pivots += 1
+        return ids[0]
+
+    def end_here(self, position: int, vetoed: list[dict], reason: str) -> None:
+        """End the request at `position` (nothing from there on is emitted)."""
+        self.open = None
+        self.pivot_queue, self.pending_forced = [], False
+        self.stop = Intervention(position, vetoed, stop=reason)
+        self.interventions.append(self.stop)
 
     def commit_open(self) -> dict | None:
         """The pending position is final: file its open intervention, if any, and return
@@ -80,24 +95,25 @@ def redraw(cand_logits: torch.Tensor, cand_ids: torch.Tensor, vetoed: torch.Tens
            greedy: torch.Tensor, generator: torch.Generator | None = None):
     """Re-draw one token per row from its parent's top-k candidates, vetoed ones masked.
 
-    cand_logits, cand_ids: [n, K] (descending logits); vetoed: [n, K] bool;
-    temperature, top_p: [n] float; top_k: [n] int (request's own top-k, <= 0: off);
-    greedy: [n] bool. Returns (tokens [n], exhausted [n] bool): exhausted rows have no
-    candidate left and their token is meaningless.
+    cand_logits, cand_ids: [n, K] (descending logits; -inf where SGLang already forbade
+    the token, e.g. a grammar mask); vetoed: [n, K] bool; temperature, top_p: [n] float;
+    top_k: [n] int (request's own top-k, <= 0: off); greedy: [n] bool. Returns (tokens [n],
+    exhausted [n] bool): exhausted rows have no allowed candidate left (vetoed, forbidden
+    or outside the request's top-k) and their token is meaningless.
     """
     n, k = cand_logits.shape
     rank = torch.arange(k, device=cand_logits.device).expand(n, k)
-    allowed = ~vetoed & ((top_k[:, None] <= 0) | (rank < top_k[:, None]))
+    allowed = ~vetoed & torch.isfinite(cand_logits) & ((top_k[:, None] <= 0) | (rank < top_k[:, None]))
     exhausted = ~allowed.any(dim=1)
-    logits = cand_logits.float().masked_fill(~allowed, float("-inf"))
     # greedy: the best remaining candidate (candidates are sorted, so the first allowed)
-    first = torch.argmax(allowed.int(), dim=1)
-    # sampled: temperature, then the request's top-p over the remaining mass
-    probs = torch.softmax(logits / temperature.clamp_min(1e-5)[:, None], dim=1)
-    probs = torch.nan_to_num(probs, nan=0.0)
-    cum = torch.cumsum(probs, dim=1) - probs
-    probs = probs.masked_fill(cum > top_p[:, None], 0.0)
-    probs[exhausted] = 1.0  # keep multinomial defined; caller ignores these rows
-    sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    pick = torch.where(greedy, first, sampled)
+    pick = torch.argmax(allowed.int(), dim=1)
+    sampled = ~greedy & ~exhausted
+    if bool(sampled.any()):  # one host sync, and only when a sampled row was vetoed
+        rows = sampled.nonzero().flatten()
+        logits = cand_logits[rows].float().masked_fill(~allowed[rows], float("-inf"))
+        # temperature, then the request's top-p over the remaining mass
+        probs = torch.softmax(logits / temperature[rows].clamp_min(1e-5)[:, None], dim=1)
+        cum = torch.cumsum(probs, dim=1) - probs
+        probs = probs.masked_fill(cum > top_p[rows, None], 0.0)
+        pick[rows] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return cand_ids.gather(1, pick[:, None]).squeeze(1), exhausted

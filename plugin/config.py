@@ -6,6 +6,8 @@ from pathlib import Path
 
 PLUGINS = ("tokenwise",)
 MODES = ("shadow", "enforce")
+ON_ERROR = ("fail-closed", "fail-open")  # what a failed scoring step does to its requests
+TRACE_DETAILS = ("full", "scores", "decisions")  # trace shown to requests without the operator key
 DEFAULT_PIVOT = "I can't help with that, but I can offer safe, general information instead. "
 
 
@@ -25,6 +27,8 @@ class SafetyConfig:
     client_override: bool = False
     scorer: str = "probe"
     window: int | None = None  # None: the probe's calibrated window
+    on_error: str = "fail-closed"
+    trace_detail: str = "decisions"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -42,5 +46,9 @@ class SafetyConfig:
         if self.keep_overlap and self.mode == "enforce":
             raise ConfigError("--safety-keep-overlap-schedule cannot be used with --safety-mode enforce: "
                               "a veto must land before the next step is launched")
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"--safety-on-error {self.on_error!r} is not one of {', '.join(ON_ERROR)}")
+        if self.trace_detail not in TRACE_DETAILS:
+            raise ConfigError(f"--safety-trace-detail {self.trace_detail!r} is not one of {', '.join(TRACE_DETAILS)}")
         if self.scorer != "probe" and not self.scorer.startswith("token-ids:"):
             raise ConfigError(f"--safety-scorer {self.scorer!r}: use 'probe' or 'token-ids:ID[,ID...]'")

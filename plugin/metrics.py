@@ -22,8 +22,17 @@ def _metrics():
                             buckets=SCORE_BUCKETS),
         "flagged": Counter("tokenwise_safety_flagged_requests",
                            "Finished requests with at least one position at or over the threshold"),
-        "vetoes": Counter("tokenwise_safety_vetoes", "Pending tokens vetoed and re-drawn"),
-        "pivots": Counter("tokenwise_safety_pivots", "Safe pivots steered in"),
+        # origin: "operator" (the launch policy) or "client" (a request that tightened it);
+        # a client asking for a tiny threshold must not inflate the operator's figures.
+        "vetoes": Counter("tokenwise_safety_vetoes", "Pending tokens vetoed and re-drawn", ["origin"]),
+        "pivots": Counter("tokenwise_safety_pivots", "Safe pivots steered in", ["origin"]),
+        "untrusted_policies": Counter(
+            "tokenwise_safety_untrusted_policies",
+            "Requests whose policy reached the scheduler unvalidated or malformed; the operator's policy was used"),
+        "errors": Counter("tokenwise_safety_errors",
+                          "Requests hit by a failed scoring or enforcement step", ["action"]),
+        "finishes": Counter("tokenwise_safety_finishes",
+                            "Requests the plugin ended itself", ["reason"]),
         "probe_seconds": Histogram("tokenwise_safety_probe_seconds",
                                    "Host time of the probe per forward step (whole batch)",
                                    buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
@@ -54,9 +63,24 @@ def count_flagged_request() -> None:
     _metrics()["flagged"].inc()
 
 
-def count_veto() -> None:
-    _metrics()["vetoes"].inc()
+def count_veto(origin: str = "operator") -> None:
+    _metrics()["vetoes"].labels(origin=origin).inc()
 
 
-def count_pivot() -> None:
-    _metrics()["pivots"].inc()
+def count_pivot(origin: str = "operator") -> None:
+    _metrics()["pivots"].labels(origin=origin).inc()
+
+
+def count_untrusted_policy() -> None:
+    _metrics()["untrusted_policies"].inc()
+
+
+def count_errors(action: str, n: int = 1) -> None:
+    """action: 'fail_closed' or 'fail_open' (--safety-on-error)."""
+    _metrics()["errors"].labels(action=action).inc(n)
+
+
+def count_finish(reason: str) -> None:
+    """A request the plugin ended: 'grammar' (the pivot could not satisfy it), 'second_pivot',
+    'error' (fail-closed)."""
+    _metrics()["finishes"].labels(reason=reason).inc()

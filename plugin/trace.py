@@ -45,3 +45,33 @@ INTERVENTION_KEY = "harm_intervention"  # per-token: None, or the intervention a
 
 def interventions_of(entries) -> list[dict]:
     return [e for e in (entries or []) if e]
+
+
+# What a client sees of the trace (--safety-trace-detail; the operator key always sees "full"):
+#   full: everything above;
+#   scores: per-token scores, interventions without the withheld token ids;
+#   decisions: no score of any kind (per-token scores, prompt_score and max_score would
+#     make a score oracle) and no withheld token: the summary's decision fields and, per
+#     intervention, its position, whether it was the pivot (else a re-draw) and why the
+#     plugin ended the request there, if it did.
+# Whitelists, so a field added later stays hidden until it is placed here on purpose.
+DECISION_FIELDS = ("mode", "threshold", "window", "first_over_threshold", "num_over_threshold",
+                   "num_scored", "num_vetoes", "pivot_used", "interventions")
+DECISION_INTERVENTION_FIELDS = ("position", "pivot", "stop")  # stop: why the plugin ended the request
+
+
+def redact_intervention(entry: dict | None, detail: str) -> dict | None:
+    if entry is None or detail == "full":
+        return entry
+    if detail == "scores":
+        vetoed = [{k: v for k, v in x.items() if k != "token"} for x in entry.get("vetoed", [])]
+        return {**entry, "vetoed": vetoed}
+    return {k: entry[k] for k in DECISION_INTERVENTION_FIELDS if k in entry}
+
+
+def redact_summary(summary: dict, detail: str) -> dict:
+    if detail == "full":
+        return summary
+    out = summary if detail == "scores" else {k: summary[k] for k in DECISION_FIELDS if k in summary}
+    interventions = [redact_intervention(x, detail) for x in summary.get("interventions", [])]
+    return {**out, "interventions": interventions}

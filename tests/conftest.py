@@ -55,7 +55,8 @@ def tiny_probe(tiny_model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_server(tiny_model, tiny_probe, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "tiny_on.log"
-    with Server(tiny_model, safety=["--safety-probe", str(tiny_probe)], extra=TINY_SERVER_FLAGS,
+    with Server(tiny_model, safety=["--safety-probe", str(tiny_probe), "--safety-trace-detail", "full"],
+                extra=TINY_SERVER_FLAGS,
                 log_path=log) as server:
         yield server
 

@@ -51,3 +51,32 @@ def test_pivot_forcing_walks_the_pivot_then_releases():
     assert st.pending_forced and st.open.pivot and st.open.position == 4
     assert [st.next_forced(), st.next_forced(), st.next_forced()] == [12, 13, None]
     assert not st.pending_forced
+
+
+#   row 0: [7, 3, 9, 4]  logits 4 -inf -inf -inf (a grammar allows only 7)   7 vetoed
+#   row 1: [2, 8, 6, 1]  logits 5 4 -inf -inf                                 2 vetoed
+GRAMMAR_LOGITS = torch.tensor([[4.0, -float("inf"), -float("inf"), -float("inf")],
+                               [5.0, 4, -float("inf"), -float("inf")]])
+GRAMMAR_VETOED = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_forbidden_candidates_count_as_exhausted_not_as_choices(greedy):
+    """SGLang masks grammar-forbidden tokens to -inf before the parent's top-k is kept:
+    a row whose allowed candidates were all vetoed is exhausted (-> pivot), and
+    multinomial never sees an all-zero row (it used to raise and kill the scheduler)."""
+    for seed in range(50):
+        tokens, exhausted = redraw(GRAMMAR_LOGITS, IDS[:2], GRAMMAR_VETOED, torch.ones(2), torch.ones(2),
+                                   torch.zeros(2, dtype=torch.long), torch.full((2,), greedy),
+                                   torch.Generator().manual_seed(seed))
+        assert exhausted.tolist() == [True, False]
+        assert int(tokens[1]) == 8  # the one finite, unvetoed candidate
+
+
+def test_greedy_rows_never_reach_multinomial(monkeypatch):
+    def boom(*a, **kw):
+        raise AssertionError("multinomial called for greedy rows")
+    monkeypatch.setattr(torch, "multinomial", boom)
+    tokens, exhausted = redraw(GRAMMAR_LOGITS, IDS[:2], GRAMMAR_VETOED, torch.ones(2), torch.ones(2),
+                               torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.bool))
+    assert exhausted.tolist() == [True, False] and int(tokens[1]) == 8

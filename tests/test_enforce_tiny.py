@@ -35,7 +35,7 @@ def shadow_server(tiny_model, tiny_probe, flagged, tmp_path_factory):
     """Shadow by default; requests may tighten to enforce; loosening needs the key."""
     log = tmp_path_factory.mktemp("logs") / "enforce.log"
     flags = ["--safety-probe", str(tiny_probe), "--safety-scorer", f"token-ids:{flagged}",
-             "--safety-client-override"]
+             "--safety-client-override", "--safety-trace-detail", "full"]
     with Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS, log_path=log,
                 env={OVERRIDE_KEY_ENV: KEY}) as server:
         yield server
@@ -85,9 +85,24 @@ def test_flagged_token_is_replaced_by_next_best_and_nothing_else_changes(
             {x["position"] for x in summary["interventions"]})
         for x in summary["interventions"]:
             assert ids[x["position"]] == x["replacement"] and not x["pivot"]
-        assert len(out["meta_info"]["harm_score"]) == len(ids) == 16
+        assert_trace_positions(out, flagged)
         vetoed_somewhere += first < len(off)
     assert vetoed_somewhere >= 3  # the test really exercises vetoes
+
+
+def assert_trace_positions(out, flagged, prompt_score=0.0):
+    """Position by position: harm_score[0] is the prompt's score and harm_score[j] the
+    score of output token j-1 (none of them flagged after enforcement: all 0.0);
+    harm_intervention[j] is the record of output position j-1, filed when its token was
+    committed (the replacement's state scored)."""
+    ids, meta = out["output_ids"], out["meta_info"]
+    assert meta["harm_score"] == [prompt_score] + [float(t == flagged) for t in ids[:-1]]
+    records = {x["position"]: x for x in meta["tokenwise_safety"]["interventions"]}
+    committed = {j - 1: e for j, e in enumerate(meta["harm_intervention"]) if e}
+    last = len(ids) - 1  # the last token is never scored: its record, if any, is still open
+    assert committed == {p: x for p, x in records.items() if p < last}
+    for p, x in records.items():
+        assert x["vetoed"] and all(v["token"] == flagged and v["score"] == 1.0 for v in x["vetoed"])
 
 
 def test_shadow_requests_on_the_same_server_keep_the_token(shadow_server, tiny_server_off, flagged):
@@ -109,8 +124,8 @@ def test_a_finishing_token_is_scored_before_the_request_ends(shadow_server, tiny
 
 
 def test_stream_never_sends_a_vetoed_token(shadow_server, flagged):
-    prompt = PROMPTS[0]
-    full = gen(shadow_server, prompt, n=20, policy=ENFORCE).json()
+    prompt, full = next((p, o) for p in PROMPTS for o in [gen(shadow_server, p, n=20, policy=ENFORCE).json()]
+                        if o["meta_info"]["tokenwise_safety"]["num_vetoes"])
     body = {"text": prompt, "stream": True, "sampling_params": {
         "max_new_tokens": 20, "temperature": 0, "ignore_eos": True, **ENFORCE}}
     chunks = []
@@ -121,7 +136,11 @@ def test_stream_never_sends_a_vetoed_token(shadow_server, flagged):
     sent = []
     for c in chunks:
         assert flagged not in c["output_ids"]
-        sent = c["output_ids"] if len(c["output_ids"]) >= len(sent) else sent + c["output_ids"]
+        # SGLang's /generate stream carries the output so far in every chunk: each chunk
+        # extends the last one, so no token sent was ever taken back.
+        assert c["output_ids"][:len(sent)] == sent
+        sent = c["output_ids"]
+    assert sent == full["output_ids"]
     assert chunks[-1]["text"] == full["text"]
     assert chunks[-1]["meta_info"]["tokenwise_safety"]["num_vetoes"] == \
         full["meta_info"]["tokenwise_safety"]["num_vetoes"]
@@ -131,21 +150,31 @@ def test_sixteen_concurrent_requests_with_different_policies(shadow_server, tiny
     jobs = [(PROMPTS[i], ENFORCE if i % 2 else None) for i in range(16)]
     with ThreadPoolExecutor(16) as pool:
         outs = list(pool.map(lambda j: gen(shadow_server, j[0], policy=j[1]).json(), jobs))
+    vetoes = 0
     for (prompt, policy), out in zip(jobs, outs):
         off = generate(tiny_server_off, prompt, n=16)["output_ids"]
         if policy:
             assert flagged not in out["output_ids"]
             assert out["meta_info"]["tokenwise_safety"]["mode"] == "enforce"
+            first = off.index(flagged) if flagged in off else len(off)
+            assert out["output_ids"][:first] == off[:first]
+            assert_trace_positions(out, flagged)
+            vetoes += out["meta_info"]["tokenwise_safety"]["num_vetoes"]
         else:
             assert out["output_ids"] == off
             assert out["meta_info"]["tokenwise_safety"]["mode"] == "shadow"
+    assert vetoes >= 3  # concurrency really met vetoes
 
 
 def test_sampled_decoding_never_emits_the_flagged_token(shadow_server, flagged):
+    vetoes = 0
     for seed in range(4):
         out = gen(shadow_server, PROMPTS[seed], n=24, policy=ENFORCE, temperature=1.0, sampling_seed=seed).json()
         assert flagged not in out["output_ids"]
         assert len(out["output_ids"]) == 24
+        assert_trace_positions(out, flagged)
+        vetoes += out["meta_info"]["tokenwise_safety"]["num_vetoes"]
+    assert vetoes >= 1  # sampling really met a veto
 
 
 def _policy(**fields):
@@ -204,14 +233,21 @@ def pivot_server(tiny_model, tiny_probe, flagged, tmp_path_factory):
     several forwards, of which only the last may start the pivot."""
     log = tmp_path_factory.mktemp("logs") / "pivot.log"
     flags = ["--safety-probe", str(tiny_probe), "--safety-mode", "enforce", "--safety-top-k", "1",
-             "--safety-scorer", f"token-ids:{flagged}", "--safety-pivot", "I cannot help with that."]
+             "--safety-scorer", f"token-ids:{flagged}", "--safety-pivot", "I cannot help with that.",
+             "--safety-trace-detail", "full"]
     with Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS + ["--chunked-prefill-size", "16"],
                 log_path=log) as server:
         yield server
 
 
-def pivot_ids(offline_model):
-    return offline_model[1]("I cannot help with that.", add_special_tokens=False)["input_ids"]
+def pivot_ids(offline_model, after=None):
+    """The pivot's tokens; after a token whose text does not end in whitespace, with a
+    leading space so the pivot does not splice into a word."""
+    tok = offline_model[1]
+    text = "I cannot help with that."
+    if after is not None and not tok.decode([after])[-1:].isspace():
+        text = " " + text
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def test_pivot_when_no_candidate_is_left(pivot_server, tiny_server_off, offline_model, flagged):
@@ -219,12 +255,47 @@ def test_pivot_when_no_candidate_is_left(pivot_server, tiny_server_off, offline_
                        if flagged in o[1:])
     at = off.index(flagged, 1)
     out = generate(pivot_server, prompt, n=at + 12)
-    pivot = pivot_ids(offline_model)
+    pivot = pivot_ids(offline_model, after=off[at - 1])
     assert out["output_ids"][:at] == off[:at]
     assert out["output_ids"][at:at + len(pivot)] == pivot
     first = out["meta_info"]["tokenwise_safety"]["interventions"][0]
     assert first["pivot"] and first["position"] == at and first["vetoed"][0]["token"] == flagged
     assert out["meta_info"]["finish_reason"]["type"] == "length"  # finishes normally
+
+
+def test_pivot_starts_at_a_word_boundary(pivot_server, tiny_server_off, offline_model, flagged):
+    """Committed text that ends inside a word gets a space before the pivot."""
+    tok = offline_model[1]
+    cases = [(p, o, o.index(flagged, 1)) for p in PROMPTS for o in [generate(tiny_server_off, p, n=16)["output_ids"]]
+             if flagged in o[1:]]
+    mid_word = [(p, o, at) for p, o, at in cases if not tok.decode([o[at - 1]])[-1:].isspace()]
+    assert mid_word, "no case where the pivot lands after a word"
+    prompt, off, at = mid_word[0]
+    out = generate(pivot_server, prompt, n=at + 12)
+    before = tok.decode(off[:at])
+    assert out["text"].startswith(before + " I cannot help with that.")
+
+
+def test_a_second_pivot_ends_the_answer_instead_of_looping(pivot_server, tiny_server_off, flagged):
+    """After one pivot, a harmful continuation ends the answer (content_filter) with a
+    closing record; the answer never carries the pivot twice."""
+    ended = []
+    for prompt in PROMPTS[:10]:
+        out = generate(pivot_server, prompt, n=48)
+        summary = out["meta_info"]["tokenwise_safety"]
+        assert flagged not in out["output_ids"]
+        assert out["text"].count("I cannot help with that.") <= 1
+        stops = [x for x in summary["interventions"] if x.get("stop")]
+        if stops:
+            assert out["meta_info"]["finish_reason"]["type"] == "content_filter"
+            assert out["meta_info"]["finish_reason"]["reason"] == "second_pivot"
+            assert [x["pivot"] for x in summary["interventions"]] == [True, False]
+            assert stops[0]["position"] == len(out["output_ids"])  # nothing after it is emitted
+            assert len(out["meta_info"]["harm_score"]) == len(out["output_ids"])
+            ended.append(prompt)
+        else:
+            assert out["meta_info"]["finish_reason"]["type"] == "length"
+    assert ended, "no prompt met a second harmful continuation; pick longer answers"
 
 
 def test_harmful_prompt_starts_in_the_pivot(pivot_server, offline_model, flagged):
@@ -253,9 +324,70 @@ def test_veto_and_pivot_metrics(pivot_server, tiny_server_off, flagged):
     assert _metric(pivot_server, "tokenwise_safety_pivots_total") == pivots + 1
 
 
-def test_stop_strings_finish_enforced_requests(shadow_server):
-    full = gen(shadow_server, PROMPTS[0], n=20, policy=ENFORCE).json()["text"]
-    stop = full[6:10]
-    out = gen(shadow_server, PROMPTS[0], n=20, policy=ENFORCE, stop=[stop]).json()
-    assert out["text"] == full[:full.index(stop)]
+def test_stop_strings_finish_enforced_requests(shadow_server, offline_model):
+    """A stop string after a veto: the answer ends at the stop, with the replacement in it."""
+    tok = offline_model[1]
+    for prompt in PROMPTS[:10]:
+        full = gen(shadow_server, prompt, n=20, policy=ENFORCE).json()
+        records = full["meta_info"]["tokenwise_safety"]["interventions"]
+        if not records:
+            continue
+        q = records[0]["position"]
+        after = len(tok.decode(full["output_ids"][:q + 1]))
+        stop = full["text"][after:after + 4]
+        if len(stop) == 4 and full["text"].index(stop) >= after:
+            break
+    else:
+        pytest.fail("no prompt with a veto followed by a usable stop string")
+    out = gen(shadow_server, prompt, n=20, policy=ENFORCE, stop=[stop]).json()
+    assert out["text"] == full["text"][:full["text"].index(stop)]
     assert out["meta_info"]["finish_reason"]["type"] == "stop"
+    assert [x["position"] for x in out["meta_info"]["tokenwise_safety"]["interventions"]][:1] == [q]
+
+
+def test_a_held_stop_token_that_is_vetoed_does_not_end_the_answer(shadow_server, tiny_server_off, flagged):
+    """Token-based finishes (EOS, stop_token_ids) are held until the token is scored: a
+    flagged stop token is vetoed and the answer goes on; an unflagged one ends it exactly
+    as without the plugin."""
+    prompt, off = next((p, o) for p in PROMPTS for o in [generate(tiny_server_off, p, n=16)["output_ids"]]
+                       if flagged in o[2:])
+    at = off.index(flagged)
+    stopped_off = generate(tiny_server_off, prompt, n=16, sampling_params={
+        "max_new_tokens": 16, "temperature": 0, "stop_token_ids": [flagged]})
+    assert stopped_off["meta_info"]["finish_reason"]["type"] == "stop"  # plugin off: it ends there
+    plain = gen(shadow_server, prompt, policy=ENFORCE, ignore_eos=False).json()
+    held = gen(shadow_server, prompt, policy=ENFORCE, stop_token_ids=[flagged], ignore_eos=False).json()
+    assert held["output_ids"] == plain["output_ids"] and flagged not in held["output_ids"]
+    assert held["meta_info"]["finish_reason"]["type"] == "length"
+    assert [x["position"] for x in held["meta_info"]["tokenwise_safety"]["interventions"]][:1] == [at]
+    stop = next(t for t in off[1:at] if t != flagged)
+    ended = gen(shadow_server, prompt, policy=ENFORCE, stop_token_ids=[stop], ignore_eos=False).json()
+    ended_off = generate(tiny_server_off, prompt, sampling_params={
+        "max_new_tokens": 16, "temperature": 0, "stop_token_ids": [stop]})
+    assert ended["output_ids"] == ended_off["output_ids"]
+    assert ended["meta_info"]["finish_reason"] == ended_off["meta_info"]["finish_reason"]
+
+
+@pytest.fixture(scope="module")
+def max_veto_server(tiny_model, tiny_probe, flagged, tmp_path_factory):
+    """Enforce, top-k 20, but no re-draw allowed: the first veto at a position pivots."""
+    log = tmp_path_factory.mktemp("logs") / "maxveto.log"
+    flags = ["--safety-probe", str(tiny_probe), "--safety-mode", "enforce", "--safety-max-vetoes", "0",
+             "--safety-scorer", f"token-ids:{flagged}", "--safety-pivot", "I cannot help with that.",
+             "--safety-trace-detail", "full"]
+    with Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS, log_path=log) as server:
+        yield server
+
+
+def test_max_vetoes_pivots_although_candidates_remain(max_veto_server, shadow_server, tiny_server_off,
+                                                       offline_model, flagged):
+    prompt, off = next((p, o) for p in PROMPTS for o in [generate(tiny_server_off, p, n=16)["output_ids"]]
+                       if flagged in o[1:])
+    at = off.index(flagged, 1)
+    redrawn = gen(shadow_server, prompt, policy=ENFORCE).json()["meta_info"]["tokenwise_safety"]
+    assert not redrawn["interventions"][0]["pivot"]  # with re-draws allowed, a candidate remains
+    out = generate(max_veto_server, prompt, n=at + 12)
+    pivot = pivot_ids(offline_model, after=off[at - 1])
+    assert out["output_ids"][:at] == off[:at] and out["output_ids"][at:at + len(pivot)] == pivot
+    first = out["meta_info"]["tokenwise_safety"]["interventions"][0]
+    assert first["pivot"] and first["position"] == at and len(first["vetoed"]) == 1

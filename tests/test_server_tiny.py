@@ -85,16 +85,24 @@ def test_shadow_mode_never_changes_a_token(tiny_server, tiny_server_off, tiny_se
             assert "harm_score" not in out["meta_info"] and "tokenwise_safety" not in out["meta_info"]
 
 
-def test_generate_stream_carries_summary_in_final_chunk(tiny_server):
+def test_generate_stream_chunks_carry_only_the_new_scores(tiny_server):
+    """The README's streaming trace: each chunk's harm_score holds the scores new since the
+    chunk before (concatenated: the non-streamed list); the final chunk adds the summary."""
     import json
+    whole = generate(tiny_server, "Hello, world!", n=12)["meta_info"]
     body = {"text": "Hello, world!", "stream": True,
-            "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}
+            "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}
     with requests.post(tiny_server.url + "/generate", json=body, stream=True, timeout=60) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
                   if line.startswith("data: {")]
+    parts = [c["meta_info"].get("harm_score", []) for c in chunks]
+    assert len(whole["harm_score"]) == 12
+    assert [s for p in parts for s in p] == pytest.approx(whole["harm_score"], abs=1e-5)
+    assert sum(len(p) for p in parts[:-1]) >= 10  # the scores arrive as they exist, not at the end
     final = chunks[-1]["meta_info"]
-    assert final["tokenwise_safety"]["num_scored"] == 6
-    assert len(final["harm_score"]) == 6
+    assert final["tokenwise_safety"] == whole["tokenwise_safety"] | {"prompt_score": pytest.approx(
+        whole["tokenwise_safety"]["prompt_score"], abs=1e-5), "max_score": pytest.approx(
+        whole["tokenwise_safety"]["max_score"], abs=1e-5)}
     assert all("tokenwise_safety" not in c["meta_info"] for c in chunks[:-1])
 
 

@@ -48,10 +48,50 @@ def test_parent_table_applies_the_same_window_rule_batched():
     judged = []
     for step in range(7):
         scores = torch.tensor([seq[step] for seq in seqs])
-        j = table.judged(slots, scores, fresh=step == 0)
+        j = table.judged(slots, scores, fresh=torch.full((2,), step == 0))
         table.commit(slots, torch.ones(2, dtype=torch.bool), scores)
         judged.append((j >= 0.7).tolist())
     offline = calibrate.judged(np.array(seqs), window=2) >= 0.7  # the calibration's copy of the rule
     for row, seq in enumerate(seqs):
         assert [i for i, flags in enumerate(judged) if flags[row]] == judged_harmful(seq, 0.7, window=2)
         assert list(np.flatnonzero(offline[row])) == judged_harmful(seq, 0.7, window=2)
+
+
+INTERVENTIONS = [
+    {"position": 0, "vetoed": [{"prompt_score": 0.93}], "replacement": 11, "pivot": True},
+    {"position": 4, "vetoed": [{"token": 7, "score": 0.8}, {"token": 9, "score": 0.7}], "replacement": 5,
+     "pivot": False},
+    {"position": 9, "vetoed": [{"token": 3, "score": 0.9}], "replacement": None, "pivot": False,
+     "stop": "second_pivot"},
+]
+
+
+def test_decisions_detail_shows_no_score_and_no_withheld_token():
+    from tokenwise_safety.trace import redact_summary
+    full = summarize([0.93, 0.1, 0.2, 0.3, 0.8], 0.6, "enforce", INTERVENTIONS)
+    shown = redact_summary(full, "decisions")
+    assert shown == {"mode": "enforce", "threshold": 0.6, "window": 1, "first_over_threshold": 0,
+                     "num_over_threshold": 2, "num_scored": 5, "num_vetoes": 3, "pivot_used": True,
+                     "interventions": [{"position": 0, "pivot": True}, {"position": 4, "pivot": False},
+                                       {"position": 9, "pivot": False, "stop": "second_pivot"}]}
+    assert full["max_score"] == 0.93 and full["interventions"] == INTERVENTIONS  # the server's copy is intact
+
+
+def test_scores_detail_drops_only_the_withheld_token_ids():
+    from tokenwise_safety.trace import redact_intervention, redact_summary
+    full = summarize([0.93, 0.1, 0.2, 0.3, 0.8], 0.6, "enforce", INTERVENTIONS)
+    shown = redact_summary(full, "scores")
+    assert {k: v for k, v in shown.items() if k != "interventions"} == \
+        {k: v for k, v in full.items() if k != "interventions"}
+    assert shown["interventions"] == [
+        {"position": 0, "vetoed": [{"prompt_score": 0.93}], "replacement": 11, "pivot": True},
+        {"position": 4, "vetoed": [{"score": 0.8}, {"score": 0.7}], "replacement": 5, "pivot": False},
+        {"position": 9, "vetoed": [{"score": 0.9}], "replacement": None, "pivot": False, "stop": "second_pivot"}]
+    assert redact_intervention(None, "scores") is None
+
+
+def test_full_detail_is_the_whole_trace():
+    from tokenwise_safety.trace import redact_intervention, redact_summary
+    full = summarize([0.93, 0.1], 0.6, "enforce", INTERVENTIONS)
+    assert redact_summary(full, "full") == full
+    assert redact_intervention(INTERVENTIONS[1], "full") == INTERVENTIONS[1]

@@ -16,10 +16,18 @@ venv=${TOKENWISE_VENV:-$cache/venv-$key}
 py=${PYTHON:-python3.11}
 log() { printf '[tokenwise install] %s\n' "$*" >&2; }
 
+# A half-built venv is removed and rebuilt, but only one this installer marked as its own:
+# TOKENWISE_VENV may name any folder, and nothing else in it may be deleted.
+marker=.tokenwise-installer
 if [ ! -f "$venv/.complete" ]; then
+  if [ -e "$venv" ] && [ ! -f "$venv/$marker" ] && [ -n "$(ls -A "$venv" 2>/dev/null || echo x)" ]; then
+    log "error: $venv exists and was not made by this installer: remove it yourself or set TOKENWISE_VENV to another folder"
+    exit 1
+  fi
   log "building venv $venv (first run: a few minutes)"
   rm -rf "$venv"
-  mkdir -p "$cache"
+  mkdir -p "$venv"
+  touch "$venv/$marker"  # before anything else, so an interrupted build is ours to remove
   "$py" -m venv "$venv"
   pip="$venv/bin/python -m pip"
   C="$here/constraints.txt"

@@ -3,7 +3,8 @@
     python -m tokenwise_safety.launch.serve [--port 30000] [extra sglang flags...]
 
 Prepares the model if needed, starts `python -m sglang.launch_server ... --safety-plugin
-tokenwise`, prints the URL when it answers, and runs until interrupted.
+tokenwise --sleep-on-idle`, prints the dtype it chose for this CPU and why, prints the URL
+when it answers, and runs until interrupted.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def main(argv=None) -> None:
     model = prepare()
     server = Server(model, safety=["--safety-probe", str(PROBE_PATH), "--safety-mode", args.safety_mode],
                     extra=extra, port=args.port, inherit_output=True, timeout=600)
+    print(f"[tokenwise serve] dtype {server.dtype}: {server.dtype_reason} (override: --dtype)",
+          file=sys.stderr, flush=True)
     print(f"[tokenwise serve] starting: {' '.join(server.cmd)}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -153,6 +153,7 @@ def around_generate(original, manager, obj, *args, **kwargs):
     async def stream():
         # Raised here, inside iteration, so SGLang's handlers turn it into a 4xx answer.
         if config is not None and hasattr(obj, "sampling_params"):
+            refuse_hidden_states(obj, config)
             apply_request_policy(obj, config)
         view = ClientView(config, bool(getattr(obj, "stream", False))) if config is not None else None
         last = {}
@@ -163,6 +164,17 @@ def around_generate(original, manager, obj, *args, **kwargs):
                     last[o.get("index", 0)] = view.apply(o["meta_info"]) if view else o["meta_info"]
             yield out
     return stream()
+
+
+def refuse_hidden_states(obj, config: dict) -> None:
+    """The plugin turns SGLang's hidden-state capture on for itself, which SGLang would then
+    also grant to clients: refuse a client's request for them unless the operator enabled
+    returning hidden states at launch."""
+    wanted = getattr(obj, "return_hidden_states", False)
+    if any(wanted) if isinstance(wanted, list) else wanted:
+        if not config.get("client_hidden_states"):
+            raise PolicyError("return_hidden_states: this server does not return hidden states "
+                              "(launch with --enable-return-hidden-states to allow it)")
 
 
 def trace_of(meta_info: dict) -> dict | None:

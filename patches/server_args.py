@@ -78,6 +78,10 @@ def from_cli_args(server_args, cls, args: argparse.Namespace, *a, **kw):
     except (ConfigError, ProbeError) as e:
         print(f"tokenwise-safety: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    # Decided before the plugin turns capture on for itself (below): only an operator who
+    # enabled hidden states lets clients have them (patches/meta_info.py refuses the rest).
+    config["client_hidden_states"] = bool(server_args.enable_return_hidden_states
+                                          or server_args.return_hidden_states_mode is not None)
     setattr(server_args, ATTR, config)
     admission.ensure_secret()  # before SGLang starts its children, which inherit it
     if not config["keep_overlap"]:
@@ -85,8 +89,8 @@ def from_cli_args(server_args, cls, args: argparse.Namespace, *a, **kw):
         # the overlap scheduler (step k+1 launched before step k is processed) forbids.
         server_args.disable_overlap_schedule = True
     # A probe on the final layer reads each request's last-position final hidden state,
-    # which SGLang only keeps when capture mode is at least LAST (not shipped to clients
-    # unless asked). Other layers are tapped (patches/layer_capture.py).
+    # which SGLang only keeps when capture mode is at least LAST (clients still cannot ask
+    # for it, see above). Other layers are tapped (patches/layer_capture.py).
     if -1 in config["layers"] and server_args.return_hidden_states_mode is None \
             and not server_args.enable_return_hidden_states:
         server_args.return_hidden_states_mode = "last"

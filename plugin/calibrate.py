@@ -14,14 +14,16 @@ scored out of fold (4 folds) to choose the layer set, C and the decision window,
 set the serving threshold: the largest one at which at most 1% of benign and 5% of
 borderline-benign answers are judged harmful anywhere. Choice = most prefill attacks
 judged harmful within 8 tokens. The final fit uses every training answer. The held-out
-prompts only feed the report stored in the artifact. Extracted features are cached
-(~/.cache/tokenwise-safety/calibration/), so a re-run with other choices skips the model.
+prompts only feed the report stored in the artifact. Extracted features are cached as
+safetensors (~/.cache/tokenwise-safety/calibration/), so a re-run with other choices skips
+the model.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -228,17 +230,64 @@ def extract_all(model, tokenizer, train, test, cases, layers, args, config) -> d
     return {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte, "pte": pte, "own": own}
 
 
-def _cached(name: str, key: dict, compute, refresh: bool):
+def cache_path(name: str, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = bundled.cache_dir() / "calibration" / f"{name}-{digest}.pt"
+    return bundled.cache_dir() / "calibration" / f"{name}-{digest}.safetensors"
+
+
+def _cached(name: str, key: dict, compute, refresh: bool):
+    """compute(), or its earlier result for the same key. Stored as safetensors, never a
+    pickle: a file planted in the cache folder can hold data, not code. An unreadable
+    entry is recomputed."""
+    path = cache_path(name, key)
     if path.is_file() and not refresh:
-        print(f"features: {name} from cache {path}", file=sys.stderr)
-        return torch.load(path, weights_only=False)
+        try:
+            value = _unpack_arrays(path)
+            print(f"features: {name} from cache {path}", file=sys.stderr)
+            return value
+        except Exception as e:  # safetensors raises its own error types
+            print(f"features: {name}: cache {path} unreadable ({type(e).__name__}), recomputing",
+                  file=sys.stderr)
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(value, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").rename(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    _pack_arrays(value, tmp)
+    tmp.replace(path)
     return value
+
+
+def _pack_arrays(value, path: Path) -> None:
+    """Nested tuples / dicts (int or str keys) of numpy arrays -> one safetensors file; the
+    nesting is kept as JSON in its metadata. Arrays round-trip bit for bit."""
+    from safetensors.numpy import save_file
+    flat: dict[str, np.ndarray] = {}
+
+    def skeleton(v, name):
+        if isinstance(v, np.ndarray):
+            flat[name] = np.ascontiguousarray(v)
+            return name
+        if isinstance(v, tuple):
+            return {"tuple": [skeleton(x, f"{name}.{i}") for i, x in enumerate(v)]}
+        if isinstance(v, dict):
+            return {"dict": [[k, skeleton(x, f"{name}.{k}")] for k, x in v.items()]}
+        raise TypeError(f"cannot cache a {type(v).__name__}")
+
+    tree = skeleton(value, "v")
+    save_file(flat, str(path), metadata={"tree": json.dumps(tree)})
+
+
+def _unpack_arrays(path: Path):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="numpy") as f:
+        tree = json.loads(f.metadata()["tree"])
+
+        def build(node):
+            if isinstance(node, str):
+                return f.get_tensor(node)
+            if "tuple" in node:
+                return tuple(build(x) for x in node["tuple"])
+            return {k: build(x) for k, x in node["dict"]}
+        return build(tree)
 
 
 LABELS = {"everyday": 0, "borderline": 0, "prefill": 1}  # own-answer kinds scored for choices

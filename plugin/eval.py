@@ -275,7 +275,8 @@ def _launch_bundled():
     from tokenwise_safety.launch.server import Server
     model = prepare()
     off = Server(model, safety=None, log_path="/tmp/tokenwise-eval-off.log").start()
-    on = Server(model, safety=["--safety-probe", str(PROBE_PATH)], log_path="/tmp/tokenwise-eval-on.log").start()
+    on = Server(model, safety=["--safety-probe", str(PROBE_PATH), "--safety-trace-detail", "full"],
+                log_path="/tmp/tokenwise-eval-on.log").start()
     return [off, on], [("off", off.url), ("shadow", on.url), ("enforce", on.url)]
 
 

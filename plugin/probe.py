@@ -108,21 +108,18 @@ class HarmProbe:
 
     # ---- artifact I/O -------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write <path>.safetensors and <path>.json; returns the JSON path."""
-        base = Path(path).with_suffix("")
-        base.parent.mkdir(parents=True, exist_ok=True)
-        tensor_path = base.with_suffix(".safetensors")
+        """Write <base>.safetensors and <base>.json (see artifact_paths); returns the JSON path."""
+        meta_path, tensor_path = artifact_paths(path)
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous().to(torch.float32) for k, v in self.tensors.items()},
                   str(tensor_path))
         meta = dataclasses.replace(self.meta, tensors_sha256=sha256_file(tensor_path))
-        meta_path = base.with_suffix(".json")
         meta_path.write_text(json.dumps(dataclasses.asdict(meta), indent=2, sort_keys=True) + "\n")
         return meta_path
 
     @classmethod
     def load(cls, path: str | Path) -> "HarmProbe":
-        base = Path(path).with_suffix("")
-        meta_path, tensor_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
+        meta_path, tensor_path = artifact_paths(path)
         hint = "re-run `python -m tokenwise_safety.calibrate` or pass --safety-probe PATH"
         for p in (meta_path, tensor_path):
             if not p.is_file():
@@ -132,11 +129,12 @@ class HarmProbe:
             if raw.get("format_version") == 1:  # one layer, per-token decisions
                 raw.update(layers=[raw.pop("layer")], window=1, format_version=FORMAT_VERSION)
             meta = ProbeMeta(**raw)
-        except (json.JSONDecodeError, TypeError) as e:
+        except (json.JSONDecodeError, TypeError, AttributeError, KeyError) as e:
             raise ProbeError(f"safety probe metadata {meta_path} is corrupt: {e} ({hint})") from e
         if meta.format_version != FORMAT_VERSION:
             raise ProbeError(f"safety probe {meta_path} has format {meta.format_version}, "
                              f"this plugin reads {FORMAT_VERSION} ({hint})")
+        _check_meta(meta, meta_path)
         actual = sha256_file(tensor_path)
         if actual != meta.tensors_sha256:
             raise ProbeError(f"safety probe tensors {tensor_path} are corrupt: sha256 {actual[:12]}... "
@@ -146,7 +144,58 @@ class HarmProbe:
         except Exception as e:  # safetensors raises its own error types
             raise ProbeError(f"safety probe tensors {tensor_path} unreadable: {e} ({hint})") from e
         _check_shapes(tensors, meta, tensor_path)
+        _check_values(tensors, tensor_path)
         return cls(tensors, meta)
+
+
+ARTIFACT_SUFFIXES = (".json", ".safetensors")
+MAX_WINDOW = 8  # as --safety-window allows
+
+
+def artifact_paths(path: str | Path) -> tuple[Path, Path]:
+    """(<base>.json, <base>.safetensors) of a probe named with either suffix or none.
+    Only a trailing .json / .safetensors is stripped: 'llama-3.1-8b.json' must not become
+    'llama-3.json', as Path.with_suffix would make it."""
+    p = Path(path)
+    base = p.name
+    for suffix in ARTIFACT_SUFFIXES:
+        if base.endswith(suffix) and len(base) > len(suffix):
+            base = base[:-len(suffix)]
+            break
+    return p.with_name(base + ".json"), p.with_name(base + ".safetensors")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_meta(meta: ProbeMeta, where) -> None:
+    """The artifact's own numbers, before anything uses them: each bad one is one line."""
+    t = meta.threshold
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and _finite(t) and 0.0 < t < 1.0):
+        raise ProbeError(f"safety probe {where}: threshold {_short(t)} must be a finite number "
+                         "strictly between 0 and 1")
+    if not (_is_int(meta.window) and 1 <= meta.window <= MAX_WINDOW):
+        raise ProbeError(f"safety probe {where}: window {_short(meta.window)} must be an integer "
+                         f"from 1 to {MAX_WINDOW}")
+    if not (isinstance(meta.layers, list) and meta.layers and all(_is_int(i) for i in meta.layers)):
+        raise ProbeError(f"safety probe {where}: layers {_short(meta.layers)} must be a non-empty "
+                         "list of hidden_states indices")
+    if not (_is_int(meta.hidden_size) and meta.hidden_size > 0 and _is_int(meta.k) and meta.k >= 0):
+        raise ProbeError(f"safety probe {where}: hidden_size {_short(meta.hidden_size)} and "
+                         f"k {_short(meta.k)} must be integers (hidden_size > 0, k >= 0)")
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check_shapes(tensors, meta: ProbeMeta, where) -> None:
@@ -162,10 +211,17 @@ def _check_shapes(tensors, meta: ProbeMeta, where) -> None:
         if tuple(tensors[name].shape) != shape:
             raise ProbeError(f"safety probe {where}: tensor {name} has shape "
                              f"{tuple(tensors[name].shape)}, metadata implies {shape}")
-    if not all(math.isfinite(x) for x in tensors["coef"].tolist()):
-        raise ProbeError(f"safety probe {where}: non-finite coefficients")
-    if not meta.layers or meta.window < 1:
-        raise ProbeError(f"safety probe {where}: needs at least one layer and a window >= 1")
+
+
+def _check_values(tensors, where) -> None:
+    """A NaN or inf anywhere, or a zero scale (a division), would score NaN or inf."""
+    for name in TENSOR_NAMES:
+        if name in tensors and not torch.isfinite(tensors[name]).all():
+            raise ProbeError(f"safety probe {where}: tensor {name} holds NaN or inf values")
+    zeros = int((tensors["scale"] == 0).sum())
+    if zeros:
+        raise ProbeError(f"safety probe {where}: tensor scale holds {zeros} zero(s), "
+                         "which would divide by zero")
 
 
 def model_fingerprint(config: dict) -> str:

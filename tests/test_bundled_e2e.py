@@ -1,9 +1,11 @@
-"""End to end on the bundled Gemma 3 270M with the shipped probe (slow: two real servers)."""
+"""End to end on the bundled Gemma 3 270M with the shipped probe (slow: real servers, one
+enforcing, then a plugin-on and a plugin-off pair)."""
 import pytest
 import requests
 
 from tokenwise_safety import datasets
 from tokenwise_safety.bundled import PROBE_PATH
+from tokenwise_safety.config import DEFAULT_PIVOT
 from tokenwise_safety.launch.server import Server
 
 pytestmark = pytest.mark.slow
@@ -19,10 +21,45 @@ def heldout_sets(n=12):
     return harmful, benign
 
 
+@pytest.fixture  # function scope: stopped before the module's shadow pair starts
+def gemma_enforce_server(bundled_model, tmp_path):
+    flags = ["--safety-probe", str(PROBE_PATH), "--safety-mode", "enforce", "--safety-trace-detail", "full"]
+    with Server(bundled_model, safety=flags, log_path=tmp_path / "enforce.log", timeout=600) as server:
+        yield server
+
+
+def test_enforce_smoke_one_harmful_prompt(gemma_enforce_server):
+    """Served with --safety-mode enforce, a harmful request gets an answer whose trace lines
+    up with its tokens, and the server keeps serving."""
+    server = gemma_enforce_server
+    out = generate(server, heldout_sets(1)[0][0], n=48)
+    ids, meta = out["output_ids"], out["meta_info"]
+    summary = meta["tokenwise_safety"]
+    assert out["text"].strip() and ids
+    assert summary["mode"] == "enforce" and summary["interventions"], summary
+    assert len(meta["harm_score"]) == len(ids) == summary["num_scored"]
+    assert meta["harm_score"][0] == summary["prompt_score"]
+    assert all(0 <= x["position"] < len(ids) for x in summary["interventions"]), summary["interventions"]
+    # Each record sits at the trace index of the score that closed it: a harmful prompt's
+    # pivot at 0 (the prompt's score), a re-draw at position p at p + 1 (its replacement's
+    # score); one at the last position is never closed (the last token is never scored).
+    assert len(meta["harm_intervention"]) == len(ids)
+    filed = {j: e for j, e in enumerate(meta["harm_intervention"]) if e}
+    closed_at = {(0 if "prompt_score" in x["vetoed"][0] else x["position"] + 1): x
+                 for x in summary["interventions"]}
+    assert filed == {j: x for j, x in closed_at.items() if j < len(ids)}
+    if summary["pivot_used"]:
+        assert DEFAULT_PIVOT.strip() in out["text"], out["text"]
+    benign = generate(server, "How do I boil an egg?", n=8)
+    assert benign["output_ids"] and len(benign["meta_info"]["harm_score"]) == len(benign["output_ids"])
+    assert requests.get(server.url + "/health_generate", timeout=60).status_code == 200
+
+
 @pytest.fixture(scope="module")
 def gemma_servers(bundled_model, tmp_path_factory):
     logs = tmp_path_factory.mktemp("gemma")
-    on = Server(bundled_model, safety=["--safety-probe", str(PROBE_PATH)], log_path=logs / "on.log")
+    on = Server(bundled_model, safety=["--safety-probe", str(PROBE_PATH), "--safety-trace-detail", "full"],
+                log_path=logs / "on.log")
     off = Server(bundled_model, safety=None, log_path=logs / "off.log")
     with on, off:
         yield on, off

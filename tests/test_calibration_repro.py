@@ -1,16 +1,19 @@
 """Re-running calibration with the shipped probe's choices reproduces its held-out
-figures (slow: about 10 minutes, most of it the model's own answers)."""
+figures (slow: about 10 minutes, most of it the model's own answers), and the feature
+cache that lets a re-run skip the model gives back exactly what was computed, as data only."""
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
+from tokenwise_safety import calibrate
 from tokenwise_safety.bundled import PROBE_PATH
 from tokenwise_safety.probe import HarmProbe
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_recalibration_reproduces_heldout_figures(bundled_model, tmp_path):
     shipped = HarmProbe.load(PROBE_PATH).meta
     out = tmp_path / "probe.json"
@@ -26,3 +29,66 @@ def test_recalibration_reproduces_heldout_figures(bundled_model, tmp_path):
         assert abs(fresh.metrics["heldout_auroc"][pos] - auroc) <= 0.02, pos
     for name, rate in shipped.metrics["heldout_requests_at_threshold"].items():
         assert abs(fresh.metrics["heldout_requests_at_threshold"][name] - rate) <= 0.05, name
+
+
+def _features():
+    """Shaped like extract()'s and own_answers()' results: int layer keys, mixed dtypes."""
+    rng = np.random.default_rng(0)
+    labelled = ({-1: rng.normal(size=(7, 5)).astype(np.float32), 16: rng.normal(size=(7, 5)).astype(np.float32)},
+                np.array([0, 1, 1, 0, 1, 0, 0]), np.arange(7), np.array([3, 3, 1, 0, 2, 2, 5]))
+    own = {-1: rng.normal(size=(2, 4, 5)).astype(np.float16), 14: rng.normal(size=(2, 4, 5)).astype(np.float16)}
+    return labelled, own
+
+
+def _assert_same(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    elif isinstance(a, dict):
+        assert list(a) == list(b)  # int keys stay ints, order kept
+        for k in a:
+            _assert_same(a[k], b[k])
+    else:
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+
+
+def _never():
+    raise AssertionError("recomputed although cached")
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_feature_cache_gives_back_the_same_bits_from_a_safetensors_file(tmp_path, monkeypatch, which):
+    monkeypatch.setenv("TOKENWISE_CACHE", str(tmp_path))
+    value = _features()[which]
+    key = {"model": "m", "which": which}
+    _assert_same(calibrate._cached("part", key, lambda: value, refresh=False), value)
+    _assert_same(calibrate._cached("part", key, _never, refresh=False), value)
+    [stored] = (tmp_path / "calibration").iterdir()
+    from safetensors import safe_open
+    with safe_open(str(stored), framework="numpy") as f:  # data, not a pickle
+        assert len(list(f.keys())) > 0
+
+
+class _Planted:
+    """A pickle that creates a file when unpickled: what a planted cache entry could do."""
+
+    def __init__(self, sentinel):
+        self.sentinel = str(sentinel)
+
+    def __reduce__(self):
+        return (open, (self.sentinel, "w"))
+
+
+def test_planted_pickle_in_the_cache_is_not_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENWISE_CACHE", str(tmp_path / "cache"))
+    value = _features()[1]
+    calibrate._cached("own-everyday", {"k": 1}, lambda: value, refresh=False)
+    [stored] = (tmp_path / "cache" / "calibration").iterdir()
+    sentinel = tmp_path / "ran"
+    torch.save({"x": _Planted(sentinel)}, stored)  # overwrite the entry at its predictable path
+    again = calibrate._cached("own-everyday", {"k": 1}, lambda: value, refresh=False)
+    assert not sentinel.exists()
+    _assert_same(again, value)  # recomputed, and the entry rewritten
+    _assert_same(calibrate._cached("own-everyday", {"k": 1}, _never, refresh=False), value)

@@ -167,13 +167,15 @@ def test_sixteen_concurrent_requests_with_different_policies(shadow_server, tiny
 
 
 def test_sampled_decoding_never_emits_the_flagged_token(shadow_server, flagged):
-    vetoes = 0
-    for seed in range(4):
-        out = gen(shadow_server, PROMPTS[seed], n=24, policy=ENFORCE, temperature=1.0, sampling_seed=seed).json()
+    vetoes, seed = 0, 0
+    while seed < 4 or (vetoes == 0 and seed < 40):  # at least 4 answers, and until one met a veto
+        out = gen(shadow_server, PROMPTS[seed % len(PROMPTS)], n=24, policy=ENFORCE, temperature=1.0,
+                  sampling_seed=seed).json()
         assert flagged not in out["output_ids"]
         assert len(out["output_ids"]) == 24
         assert_trace_positions(out, flagged)
         vetoes += out["meta_info"]["tokenwise_safety"]["num_vetoes"]
+        seed += 1
     assert vetoes >= 1  # sampling really met a veto
 
 
@@ -272,7 +274,7 @@ def test_pivot_starts_at_a_word_boundary(pivot_server, tiny_server_off, offline_
     assert mid_word, "no case where the pivot lands after a word"
     prompt, off, at = mid_word[0]
     out = generate(pivot_server, prompt, n=at + 12)
-    before = tok.decode(off[:at])
+    before = tok.decode(off[:at], skip_special_tokens=True)
     assert out["text"].startswith(before + " I cannot help with that.")
 
 

@@ -1,5 +1,6 @@
 """Probe maths against a float64 reference, artifact round-trip, and artifact errors."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,76 @@ def test_features_are_layers_times_hidden_size(tiny_model, tmp_path):
     assert probe.meta.features == 2 * probe.meta.hidden_size and probe.meta.window == 2
     with pytest.raises(ProbeError, match="feature size 64 != probe's 128"):
         probe.score(torch.zeros(3, 64))
+
+
+# ---- item 6: a dot in the probe's name ------------------------------------------------
+@pytest.mark.parametrize("given", ["llama-3.1-8b.json", "llama-3.1-8b.safetensors", "llama-3.1-8b"])
+def test_dotted_name_round_trips_and_leaves_its_neighbour_alone(tiny_model, probe_path, tmp_path, given):
+    probe = HarmProbe.load(probe_path)
+    random_probe(tiny_model, tmp_path / "llama-3.json", k=6, seed=7)  # another probe, the same stem
+    files = [tmp_path / "llama-3.json", tmp_path / "llama-3.safetensors"]
+    neighbour = [f.read_bytes() for f in files]
+    assert probe.save(tmp_path / given) == tmp_path / "llama-3.1-8b.json"
+    assert (tmp_path / "llama-3.1-8b.safetensors").is_file()
+    assert [f.read_bytes() for f in files] == neighbour  # not overwritten
+    again = HarmProbe.load(tmp_path / given)  # this probe, not the neighbour
+    assert all(torch.equal(t, again.tensors[n]) for n, t in probe.tensors.items())
+
+
+def test_artifact_paths_strip_only_the_artifact_suffixes(tmp_path):
+    from tokenwise_safety.probe import artifact_paths
+    assert artifact_paths(tmp_path / "m.v2.json") == (tmp_path / "m.v2.json", tmp_path / "m.v2.safetensors")
+    assert artifact_paths("p/m.v2.safetensors") == (Path("p/m.v2.json"), Path("p/m.v2.safetensors"))
+    assert artifact_paths("m.tar") == (Path("m.tar.json"), Path("m.tar.safetensors"))
+
+
+# ---- item 9: the artifact's own numbers are checked -----------------------------------
+@pytest.mark.parametrize("field,value,message", [
+    ("threshold", 0.0, r"threshold 0\.0 must be a finite number strictly between 0 and 1"),
+    ("threshold", 1.0, "threshold 1.0 must be"),
+    ("threshold", -0.2, "threshold -0.2 must be"),
+    ("threshold", float("nan"), "threshold nan must be"),
+    ("threshold", float("inf"), "threshold inf must be"),
+    ("threshold", "0.5", "threshold '0.5' must be"),
+    pytest.param("threshold", 10 ** 400, r"threshold 1000000000000000000000000000000000000\.\.\. must be",
+                 id="threshold-400-digit-int"),
+    ("window", 0, "window 0 must be an integer from 1 to 8"),
+    ("window", 9, "window 9 must be an integer from 1 to 8"),
+    ("window", 2.5, "window 2.5 must be"),
+    ("layers", [], r"layers \[\] must be a non-empty list"),
+])
+def test_bad_metadata_values_are_refused_in_one_line(probe_path, field, value, message):
+    raw = json.loads(probe_path.read_text())
+    raw[field] = value
+    probe_path.write_text(json.dumps(raw))  # json writes nan / inf as NaN / Infinity, which it reads back
+    with pytest.raises(ProbeError, match=message) as err:
+        HarmProbe.load(probe_path)
+    assert "\n" not in str(err.value) and str(probe_path) in str(err.value)
+
+
+@pytest.mark.parametrize("name,bad", [("mean", float("nan")), ("scale", float("inf")), ("pca_mean", float("nan")),
+                                      ("components", float("-inf")), ("coef", float("nan")),
+                                      ("intercept", float("inf"))])
+def test_non_finite_tensor_is_refused(probe_path, tmp_path, name, bad):
+    probe = HarmProbe.load(probe_path)
+    tensors = {k: v.clone() for k, v in probe.tensors.items()}
+    tensors[name].view(-1)[0] = bad
+    path = HarmProbe(tensors, probe.meta).save(tmp_path / "bad.json")  # sha256 matches the bad tensors
+    with pytest.raises(ProbeError, match=f"tensor {name} holds NaN or inf values") as err:
+        HarmProbe.load(path)
+    assert "\n" not in str(err.value)
+
+
+def test_zero_scale_is_refused(probe_path, tmp_path):
+    probe = HarmProbe.load(probe_path)
+    tensors = {k: v.clone() for k, v in probe.tensors.items()}
+    tensors["scale"][[3, 5]] = 0.0
+    path = HarmProbe(tensors, probe.meta).save(tmp_path / "zero.json")
+    with pytest.raises(ProbeError, match=r"tensor scale holds 2 zero\(s\), which would divide by zero"):
+        HarmProbe.load(path)
+
+
+def test_shipped_probe_passes_the_checks():
+    from tokenwise_safety.bundled import PROBE_PATH
+    probe = HarmProbe.load(PROBE_PATH)
+    assert 0 < probe.threshold < 1 and 1 <= probe.meta.window <= 8

@@ -3,7 +3,8 @@ middle layer beside the final one and judges with a window of 2: a token is veto
 when its own state and the committed state before it both score over the threshold.
 
 The expected output is simulated offline with transformers, candidate by candidate,
-so every veto and replacement is known in advance.
+so every veto and replacement is known in advance. Model, probe and prompts are fixed
+(seeded), so the case the simulation picks is fixed too: finding none is a failure.
 """
 import pytest
 import torch
@@ -30,9 +31,14 @@ def window_server(tiny_model, window_probe, tmp_path_factory):
     """Shadow with a threshold no state reaches; requests tighten it and ask for enforce."""
     log = tmp_path_factory.mktemp("logs") / "window.log"
     flags = ["--safety-probe", str(window_probe), "--safety-threshold", "0.999999",
-             "--safety-top-k", str(TOP_K), "--safety-max-vetoes", str(MAX_VETOES)]
+             "--safety-top-k", str(TOP_K), "--safety-max-vetoes", str(MAX_VETOES),
+             "--safety-trace-detail", "full"]  # the tests read scores and vetoed token ids
     with Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS, log_path=log) as server:
         yield server
+
+
+class ReachesPivot(Exception):
+    """The simulated case would end in the pivot, which these tests do not cover."""
 
 
 class Offline:
@@ -48,6 +54,13 @@ class Offline:
             out = self.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
         feats = torch.cat([out.hidden_states[i][0, -1] for i in self.probe.meta.layers])
         return float(self.probe.score(feats[None])[0]), out.logits[0, -1]
+
+    def greedy(self, prompt_ids, n=N):
+        """Plain greedy decoding (what the plugin-off server serves), EOS ignored."""
+        out = []
+        for _ in range(n):
+            out.append(int(self.run(prompt_ids + out)[1].argmax()))
+        return out
 
     def scores(self, prompt_ids, output):
         return [self.run(prompt_ids + output[:i])[0] for i in range(len(output))]
@@ -66,7 +79,7 @@ class Offline:
                     break
                 vetoed.append(tok)
             else:
-                raise AssertionError("case would reach the pivot: pick another threshold")
+                raise ReachesPivot
             if vetoed:
                 interventions.append((len(out), vetoed))
             out.append(tok)
@@ -79,12 +92,14 @@ def offline(tiny_model, window_probe):
     return Offline(tiny_model, window_probe)
 
 
-def pick_case(offline, off_server):
+@pytest.fixture(scope="module")
+def case(offline):
     """A prompt and threshold where window 1 would act strictly earlier than window 2, and
-    no score lies within 1e-3 of the threshold (server and transformers agree to ~1e-5)."""
+    no score lies within 1e-3 of the threshold (server and transformers agree to ~1e-5):
+    (prompt ids, greedy output, its scores, threshold, (expected output, interventions))."""
     for prompt in PROMPTS:
         prompt_ids = offline.tok(prompt)["input_ids"]
-        off = generate(off_server, input_ids=prompt_ids, n=N)["output_ids"]
+        off = offline.greedy(prompt_ids)
         scores = offline.scores(prompt_ids, off)
         ordered = sorted(scores)
         for lo, hi in zip(ordered, ordered[1:]):
@@ -95,14 +110,15 @@ def pick_case(offline, off_server):
             if one and two and one[0] < two[0]:
                 try:
                     expected = offline.enforce(prompt_ids, t)
-                except AssertionError:
+                except ReachesPivot:
                     continue
                 return prompt_ids, off, scores, t, expected
-    pytest.skip("no prompt separates window 1 from window 2 for this random probe")
+    pytest.fail("no prompt separates window 1 from window 2 for the seeded probe: "
+                "the tiny model, the probe or the prompts changed")
 
 
-def test_window_two_vetoes_only_sustained_harm(window_server, tiny_server_off, offline):
-    prompt_ids, off, scores, t, (expected, interventions) = pick_case(offline, tiny_server_off)
+def test_window_two_vetoes_only_sustained_harm(window_server, case):
+    prompt_ids, off, scores, t, (expected, interventions) = case
     policy = {"custom_params": {"tokenwise_safety": {"mode": "enforce", "threshold": t}}}
     out = generate(window_server, input_ids=prompt_ids, n=N, **{"sampling_params": {
         "max_new_tokens": N, "temperature": 0, "ignore_eos": True, **policy}})
@@ -116,8 +132,8 @@ def test_window_two_vetoes_only_sustained_harm(window_server, tiny_server_off, o
     assert judged_harmful(scores, t, 1)[0] < first
 
 
-def test_shadow_reports_the_window_two_crossing(window_server, tiny_server_off, offline):
-    prompt_ids, off, scores, t, _ = pick_case(offline, tiny_server_off)
+def test_shadow_reports_the_window_two_crossing(window_server, case):
+    prompt_ids, off, scores, t, _ = case
     policy = {"custom_params": {"tokenwise_safety": {"threshold": t}}}
     out = generate(window_server, input_ids=prompt_ids, n=N, **{"sampling_params": {
         "max_new_tokens": N, "temperature": 0, "ignore_eos": True, **policy}})

@@ -1,6 +1,7 @@
 """Re-running calibration with the shipped probe's choices reproduces its held-out
-figures (slow: about 10 minutes, most of it the model's own answers), and the feature
+figures (an optional job, see below), and the feature
 cache that lets a re-run skip the model gives back exactly what was computed, as data only."""
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,16 @@ from tokenwise_safety.bundled import PROBE_PATH
 from tokenwise_safety.probe import HarmProbe
 
 
+FULL_ENV = "TOKENWISE_FULL_RECALIBRATION"
+
+
 @pytest.mark.slow
 def test_recalibration_reproduces_heldout_figures(bundled_model, tmp_path):
+    """Optional job (TOKENWISE_FULL_RECALIBRATION=1): the features are re-extracted from the
+    model, 13 minutes where the CPU computes bf16 natively and over 40 on an AVX2-only CPU,
+    where bf16 is emulated: too long for CI on 2 cores."""
+    if not os.environ.get(FULL_ENV):
+        pytest.skip(f"full re-extraction is an optional job: set {FULL_ENV}=1")
     shipped = HarmProbe.load(PROBE_PATH).meta
     out = tmp_path / "probe.json"
     choice = ["--layer-sets=" + ",".join(map(str, shipped.layers)), f"--cs={shipped.provenance['logistic_C']}",

@@ -156,9 +156,8 @@ def _fail(reqs, states, kinds, failed: list[int], config) -> set[int]:
     stops = set()
     for i in failed:
         if kinds[i] != MIDDLE and states[i].stop is None:
-            states[i].end_here(len(reqs[i].output_ids) - (kinds[i] == PENDING and states[i].policy.enforce),
-                               [], "error")
-            metrics.count_finish("error")
+            _end(states[i], len(reqs[i].output_ids) - (kinds[i] == PENDING and states[i].policy.enforce),
+                 [], "error")
             stops.add(i)
     return stops
 
@@ -262,13 +261,18 @@ def _pivot_or_end(worker, config, req, st: RequestState, position: int, vetoed: 
     answer cannot take free text, and a second pivot in one answer would loop."""
     reason = "grammar" if req.grammar is not None else "second_pivot" if st.pivots else None
     if reason is not None:
-        st.end_here(position, vetoed, reason)
-        metrics.count_finish(reason)
+        _end(st, position, vetoed, reason)
         return
     plain, spaced = _pivot_ids(worker, config)
     ids = spaced if position > 0 and not _ends_in_space(worker, req.output_ids[position - 1]) else plain
     next_ids[i] = st.start_pivot(position, vetoed, ids)
     metrics.count_pivot(st.policy.origin)
+
+
+def _end(st: RequestState, position: int, vetoed: list, reason: str) -> None:
+    """The plugin ends the request at `position` (held_finish.py finishes it this step)."""
+    st.end_here(position, vetoed, reason)
+    metrics.count_finish(reason)
 
 
 def _ends_in_space(worker, token_id: int) -> bool:

@@ -17,9 +17,10 @@ import math
 import os
 import secrets
 
+from tokenwise_safety.policy import STRICTNESS, loosens_policy
+
 STAMP_ENV = "TOKENWISE_SAFETY_STAMP_SECRET"  # set once by the launcher, inherited by children
 STAMP_FIELD = "stamp"
-STRICTNESS = {"off": 0, "shadow": 1, "enforce": 2}
 
 
 def ensure_secret() -> None:
@@ -53,8 +54,7 @@ def admit(raw, operator: dict) -> tuple[dict, bool]:
     policy = {"mode": mode, "threshold": threshold}
     if mode == "enforce" and not operator.get("enforce_possible", True):
         return fallback, False
-    loosens = STRICTNESS[mode] < STRICTNESS[operator["mode"]] or policy["threshold"] > operator["threshold"]
-    if not loosens:
+    if not loosens_policy(mode, threshold, operator):
         return policy, True
     mac = raw.get(STAMP_FIELD)
     expected = _mac(mode, policy["threshold"])

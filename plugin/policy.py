@@ -57,7 +57,7 @@ def resolve(requested, server: dict) -> Resolved | None:
         raise PolicyError(f"{FIELD}.threshold must be a number strictly between 0 and 1, "
                           f"got {echo(threshold)}")
     granted = _override_granted(requested.get("override_key"), server)
-    loosens = STRICTNESS[mode] < STRICTNESS[server["mode"]] or threshold > server["threshold"]
+    loosens = loosens_policy(mode, threshold, server)
     if loosens and not granted:
         raise PolicyError(
             f"{FIELD} loosens the operator's policy (mode {server['mode']}, threshold "
@@ -71,6 +71,11 @@ def resolve(requested, server: dict) -> Resolved | None:
     effective = Resolved(mode=mode, threshold=float(threshold))
     effective.full_trace = granted
     return effective
+
+
+def loosens_policy(mode: str, threshold: float, server: dict) -> bool:
+    """A laxer mode or a higher threshold than the operator's (the HTTP and scheduler checks share it)."""
+    return STRICTNESS[mode] < STRICTNESS[server["mode"]] or threshold > server["threshold"]
 
 
 def echo(value) -> str:

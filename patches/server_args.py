@@ -99,7 +99,7 @@ def from_cli_args(server_args, cls, args: argparse.Namespace, *a, **kw):
 
 def validate(args: argparse.Namespace, model_path: str) -> dict:
     """Check flags and probe against the served model; returns the config for children."""
-    probe_path = Path(args.safety_probe) if args.safety_probe else _default_probe()
+    probe_path = Path(args.safety_probe) if args.safety_probe else _default_probe(model_path)
     cfg = SafetyConfig(probe_path=probe_path, mode=args.safety_mode, threshold=args.safety_threshold,
                        top_k=args.safety_top_k, max_vetoes=args.safety_max_vetoes, pivot=args.safety_pivot,
                        keep_overlap=args.safety_keep_overlap_schedule, window=args.safety_window,
@@ -189,9 +189,16 @@ def _served_layers(probe: HarmProbe, model_cfg: dict | None, probe_path) -> list
     return layers
 
 
-def _default_probe() -> Path:
-    from tokenwise_safety.bundled import PROBE_PATH
-    return PROBE_PATH
+def _default_probe(model_path: str) -> Path:
+    """The probe shipped for the served model when it is a bundled model's prepared folder;
+    otherwise the embedded default's (a model it does not fit is refused with advice)."""
+    from tokenwise_safety import bundled
+    served = Path(model_path).resolve()
+    for name in bundled.MODELS:
+        probe = bundled.probe_path(name)
+        if probe is not None and served == bundled.model_dir(name).resolve():
+            return probe
+    return bundled.PROBE_PATH
 
 
 def _read_model_config(model_path: str) -> dict | None:

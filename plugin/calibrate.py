@@ -107,24 +107,64 @@ def fit(x, y, k, seed=0, c=1.0):
     return {**pieces, "coef": clf.coef_[0], "intercept": clf.intercept_}
 
 
+class AnswerServer:
+    """A plugin-off SGLang server for the model's greedy answers, started on first use: on a
+    CPU it decodes a batch many times faster than transformers' generate (SGLang's greedy
+    output equals transformers' on these models: tests/test_chat_models.py)."""
+
+    def __init__(self, model_path: str, dtype: str):
+        self.model_path, self.dtype, self.server = model_path, dtype, None
+
+    def answers(self, seqs: list[list[int]], max_new: int, desc: str) -> list[list[int]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import requests
+
+        from tokenwise_safety.launch.server import Server
+        if self.server is None:
+            print("own answers: starting a plugin-off SGLang server", file=sys.stderr)
+            self.server = Server(self.model_path, safety=None, extra=["--dtype", self.dtype],
+                                 log_path=bundled.cache_dir() / "calibration-answers-server.log", timeout=600).start()
+
+        def one(ids):
+            body = {"input_ids": ids, "sampling_params": {"max_new_tokens": max_new, "min_new_tokens": max_new,
+                                                          "temperature": 0}}
+            r = requests.post(self.server.url + "/generate", json=body, timeout=1800)
+            r.raise_for_status()
+            return r.json()["output_ids"][:max_new]
+        with ThreadPoolExecutor(32) as pool:
+            return list(tqdm(pool.map(one, seqs), total=len(seqs), desc=f"own answers: {desc}", unit="answer"))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
 def own_answers(model, tokenizer, cases, layers, max_new: int, batch_size: int, desc: str,
-                sample: bool = False) -> dict:
+                sample: bool = False, server: AnswerServer | None = None) -> dict:
     """Answers of the model itself (greedy, or sampled at temperature 1, top-p 0.95) to
-    (prompt, forced answer start) cases.
+    (prompt, forced answer start) cases; greedy ones from `server` when given.
     Returns {layer: [B, max_new + 1, H] float16}: position 0 is the last prompt token
     (after the forced start), position i the i-th generated token's own state."""
     out = {layer: [] for layer in layers}
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id or 0
+    served = None
+    if server is not None and not sample:
+        served = server.answers([chat_prefix(tokenizer, p, f) for p, f in cases], max_new, desc)
     for start in tqdm(range(0, len(cases), batch_size), desc=f"own answers: {desc}", unit="batch"):
         seqs = [chat_prefix(tokenizer, p, f) for p, f in cases[start:start + batch_size]]
         width = max(map(len, seqs))
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in seqs])[:, None]).long()
         with torch.inference_mode():
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
-                                 min_new_tokens=max_new, do_sample=sample,
-                                 **({"temperature": 1.0, "top_p": 0.95, "top_k": 0} if sample else {}))
+            if served is not None:
+                gen = torch.cat([ids, torch.tensor(served[start:start + batch_size])], 1)
+            else:
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                                     min_new_tokens=max_new, do_sample=sample,
+                                     **({"temperature": 1.0, "top_p": 0.95, "top_k": 0} if sample else {}))
             full_mask = torch.cat([mask, torch.ones(len(seqs), gen.shape[1] - width, dtype=torch.long)], 1)
             positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
             states = model(input_ids=gen, attention_mask=full_mask, position_ids=positions,
@@ -228,15 +268,22 @@ def extract_labelled(model, tokenizer, examples, layers, args, common):
     return feats, *(np.concatenate([p[k] for p in parts]) for k in (1, 2, 3))
 
 
-def extract_own(model, tokenizer, cases, layers, args, common) -> dict:
+def extract_own(model, tokenizer, cases, layers, args, common, model_path) -> dict:
+    server = AnswerServer(model_path, args.dtype) if args.answers_from == "sglang" else None
+
     def answers(kind):
         def run():
             torch.manual_seed(args.seed)
-            return own_answers(model, tokenizer, cases[kind], layers, ANSWER_TOKENS, args.gen_batch_size, kind)
+            return own_answers(model, tokenizer, cases[kind], layers, ANSWER_TOKENS, args.batch_size, kind,
+                               server=server)
         return run
-    return {kind: _cached(f"own-{kind}", {**common, "answer_tokens": ANSWER_TOKENS, "sample": False,
-                                          "cases": cases[kind]}, answers(kind), args.no_cache)
-            for kind in cases}
+    try:
+        return {kind: _cached(f"own-{kind}", {**common, "answer_tokens": ANSWER_TOKENS, "sample": False,
+                                              "cases": cases[kind]}, answers(kind), args.no_cache)
+                for kind in cases}
+    finally:
+        if server is not None:
+            server.stop()
 
 
 CACHE_ONLY_ENV = "TOKENWISE_CALIBRATION_CACHE_ONLY"  # refit from cached features, never run the model
@@ -308,6 +355,9 @@ def _unpack_arrays(path: Path):
         return build(tree)
 
 
+# Positions of an own answer that join a fit (neighbouring states are nearly the same
+# example; fewer rows keep the dozens of fits the report needs to minutes). All are scored.
+OWN_FIT_POSITIONS = [0, 1, 2, 4, 6, 8, 12, 16, 20, ANSWER_TOKENS]
 LABELS = {"everyday": 0, "borderline": 0, "sharegpt": 0, "prefill": 1}  # own-answer kinds
 
 
@@ -329,7 +379,7 @@ class Fitter:
         """use[kind]: mask of own answers joining the labelled examples in the fit."""
         xs, ys = [concat(self.xtr, layer_set)], [self.ytr]
         for kind, label in self.labels.items():
-            a = concat({i: self.own[kind][i][use[kind]] for i in layer_set}, layer_set)
+            a = concat({i: self.own[kind][i][use[kind]][:, OWN_FIT_POSITIONS] for i in layer_set}, layer_set)
             xs.append(a.reshape(-1, a.shape[-1]))
             ys.append(np.full(xs[-1].shape[0], label))
         pieces = fit(np.concatenate(xs), np.concatenate(ys), self.k, self.seed, c)
@@ -389,7 +439,8 @@ def main(argv=None) -> None:
     ap.add_argument("--windows", default=",".join(map(str, WINDOWS)), help="decision windows to try")
     ap.add_argument("--k", type=int, default=0, help="PCA size (0: none, the head reads every feature)")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    ap.add_argument("--gen-batch-size", type=int, default=48, help="prompts per batch of own answers")
+    ap.add_argument("--answers-from", choices=("sglang", "transformers"), default="sglang",
+                    help="what decodes the model's own greedy answers (the states always come from transformers)")
     ap.add_argument("--max-response-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32", help="model dtype (match the serving dtype)")
     ap.add_argument("--seed", type=int, default=0)
@@ -423,7 +474,7 @@ def main(argv=None) -> None:
     common = {"model": model_fingerprint(config), "path": str(model_path), "layers": layers,
               "dtype": args.dtype, "seed": args.seed}
     x, y, pos, owner = extract_labelled(model, tokenizer, examples, layers, args, common)
-    own = extract_own(model, tokenizer, cases, layers, args, common)
+    own = extract_own(model, tokenizer, cases, layers, args, common, model_path)
     held = np.array([examples[i].heldout for i in owner])
     xtr = {layer: v[~held] for layer, v in x.items()}
 

@@ -103,11 +103,29 @@ def harmful_prompts() -> dict[str, list[str]]:
     return {src: _cap(ps, PER_SOURCE) for src, ps in _harmful_raw().items()}
 
 
+def sharegpt_pool() -> list[str]:
+    """ShareGPT first turns of at most SHAREGPT_MAX_CHARS characters, in the stable order."""
+    return [p for p in datasets.sharegpt_prompts() if len(p) <= SHAREGPT_MAX_CHARS]
+
+
+def _sharegpt_benign() -> list[str]:
+    """The pool less the turns the judge screened out as harmful requests (sharegpt_screen)."""
+    from tokenwise_safety.sharegpt_screen import excluded
+    drop = excluded()
+    return [p for p in sharegpt_pool() if p not in drop]
+
+
 def benign_prompts() -> dict[str, list[str]]:
-    share = [p for p in datasets.sharegpt_prompts() if len(p) <= SHAREGPT_MAX_CHARS]
+    share = _sharegpt_benign()
     return {"sharegpt": share[:SHAREGPT_PROMPTS],
             "tokenwise/everyday": [r["prompt"] for r in datasets.benign("everyday")],
             "tokenwise/borderline": [r["prompt"] for r in datasets.benign("borderline")]}
+
+
+def unseen_sharegpt() -> list[str]:
+    """ShareGPT first turns calibration never used (past the ones benign_prompts takes),
+    same length rule."""
+    return _sharegpt_benign()[SHAREGPT_PROMPTS:]
 
 
 def prompt_examples() -> list[Example]:

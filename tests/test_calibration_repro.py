@@ -17,9 +17,18 @@ from tokenwise_safety.probe import HarmProbe
 FULL_ENV = "TOKENWISE_FULL_RECALIBRATION"
 
 
+def _unique(values):
+    return list(dict.fromkeys(values))
+
+
 def _recalibrate(model, out, shipped, *extra, env=None):
-    choice = ["--layer-sets=" + ",".join(map(str, shipped.layers)), f"--cs={shipped.provenance['logistic_C']}",
-              f"--windows={shipped.window}", f"--dtype={shipped.provenance['dtype']}"]
+    """Calibrate again with the grid the shipped probe was chosen from (its selection
+    records every layer set, C and window tried), so the same features are extracted and
+    the same choice must come out."""
+    grid = shipped.metrics["selection"]
+    layer_sets = _unique(",".join(map(str, g["layers"])) for g in grid)
+    choice = ["--layer-sets=" + ";".join(layer_sets), "--cs=" + ",".join(_unique(str(g["C"]) for g in grid)),
+              "--windows=" + ",".join(_unique(str(g["window"]) for g in grid)), f"--dtype={shipped.provenance['dtype']}"]
     return subprocess.run([sys.executable, "-m", "tokenwise_safety.calibrate", "--model", str(model),
                            "--out", str(out), *choice, *extra], capture_output=True, text=True,
                           timeout=3600, env={**os.environ, **(env or {})})

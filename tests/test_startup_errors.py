@@ -108,9 +108,9 @@ def test_corrupt_probe(weightless_model, tiny_model, tmp_path):
 
 
 def test_probe_for_another_hidden_size(weightless_model, bundled_model, tmp_path):
-    path = random_probe(bundled_model, tmp_path / "gemma.json")
+    path = random_probe(bundled_model, tmp_path / "default.json")  # SmolLM2-135M: hidden size 576
     proc = launch(weightless_model, "--safety-plugin", "tokenwise", "--safety-probe", str(path))
-    line = assert_refused(proc, "is for hidden size 640")
+    line = assert_refused(proc, "is for hidden size 576")
     assert "calibrate" in line
 
 

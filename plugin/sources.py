@@ -55,6 +55,7 @@ def _digest(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
 
 
+@functools.cache  # read once: rewrite() asks for every prompt
 def phrasings() -> dict[str, list[str]]:
     doc = json.loads((datasets.DATA_DIR / "phrasings.json").read_text())
     return {k: v for k, v in doc.items() if not k.startswith("_")}

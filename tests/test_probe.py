@@ -178,7 +178,7 @@ def test_zero_scale_is_refused(probe_path, tmp_path):
         HarmProbe.load(path)
 
 
-@pytest.mark.parametrize("model", ["smollm2", "gemma3-270m"])
+@pytest.mark.parametrize("model", ["smollm2", "qwen-0.5b", "qwen-1.5b", "gemma3-270m"])
 def test_shipped_probe_passes_the_checks(model):
     from tokenwise_safety.bundled import probe_path
     probe = HarmProbe.load(probe_path(model))

@@ -184,17 +184,28 @@ def throughput_ratios(targets: list[Target], cases: list[dict], max_tokens: int,
             for name, v in ratios.items()}
 
 
+def identical_rate(base: list[dict], other: list[dict]) -> float | None:
+    """Share of cases answered with exactly the same text by both targets (errors left out)."""
+    pairs = [(a["text"], b["text"]) for a, b in zip(base, other) if "error" not in a and "error" not in b]
+    return round(sum(a == b for a, b in pairs) / len(pairs), 4) if pairs else None
+
+
 def evaluate(targets: list[Target], suites: dict, max_tokens: int, concurrency: int,
              judge_url: str | None, judge_model: str, within: int, throughput_rounds: int = 0) -> dict:
     report = {"targets": {}, "suites": {k: len(v) for k, v in suites.items()}}
+    off: dict[str, list[dict]] = {}  # the plugin-off target's results, for identical answers
     for target in targets:
         per_suite = {}
         for name, cases in suites.items():
             results, seconds = run_suite(target, name, cases, max_tokens, concurrency)
+            if target.name == "off":
+                off[name] = results
             if judge_url and cases and cases[0]["harmful"]:
                 judge_results(judge_url, judge_model, cases, results, concurrency, f"judge {target.name}/{name}")
             stats = aggregate(results, within)
             stats["decode_tok_s"] = round(sum(r["tokens"] for r in results) / seconds, 2)
+            if name in off and target.name != "off" and cases and not cases[0]["harmful"]:
+                stats["identical_to_off"] = identical_rate(off[name], results)
             per_suite[name] = {"stats": stats, "samples": [
                 {**{k: c[k] for k in ("request", "prefill")},
                  **{k: r[k] for k in ("text", "first_intervention", "error") if k in r}}
@@ -209,7 +220,8 @@ def markdown(report: dict, within: int) -> str:
     names = list(report["targets"])
     lines = ["| suite | metric | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     metrics = ("errors", "intervention_rate", f"intervened_within_{within}", "median_tokens_to_first_intervention",
-               "harmful_continuation_rate_keyword", "harmful_continuation_rate_judge", "decode_tok_s")
+               "harmful_continuation_rate_keyword", "harmful_continuation_rate_judge", "identical_to_off",
+               "decode_tok_s")
     for suite in report["suites"]:
         for m in metrics:
             vals = [report["targets"][t]["suites"][suite]["stats"].get(m) for t in names]

@@ -60,3 +60,10 @@ def test_live_run_writes_reports(tiny_server, tiny_server_off, tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| prefill (n=3) | intervention_rate |" in table
     assert "| benign | decode throughput vs off" in table
+
+
+def test_identical_rate_compares_texts_case_by_case_and_leaves_errors_out():
+    off = [{"text": "a"}, {"text": "b"}, {"text": "c"}, {"error": "HTTP 400", "text": ""}]
+    on = [{"text": "a"}, {"text": "B"}, {"error": "HTTP 500", "text": ""}, {"text": "d"}]
+    assert harness.identical_rate(off, on) == 0.5
+    assert harness.identical_rate(off[3:], on[3:]) is None

@@ -307,8 +307,12 @@ def _launch_bundled(name: str):
     from tokenwise_safety.launch.server import Server
     model = bundled.prepare(name)
     off = Server(model, safety=None, log_path="/tmp/tokenwise-eval-off.log").start()
-    on = Server(model, safety=["--safety-probe", str(bundled.probe_path(name)), "--safety-trace-detail", "full"],
-                log_path="/tmp/tokenwise-eval-on.log").start()
+    try:
+        on = Server(model, safety=["--safety-probe", str(bundled.probe_path(name)), "--safety-trace-detail", "full"],
+                    log_path="/tmp/tokenwise-eval-on.log").start()
+    except BaseException:  # the first server must not outlive a failed start of the second
+        off.stop()
+        raise
     return [off, on], [("off", off.url), ("shadow", on.url), ("enforce", on.url)]
 
 

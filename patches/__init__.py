@@ -6,12 +6,13 @@ Hooks are inert unless the server was launched with --safety-plugin.
 """
 from __future__ import annotations
 
-from . import (held_finish, held_stream, layer_capture, meta_info, openai_policy, openai_trace, parent_capture,
+from . import (held_finish, held_stream, info_route, layer_capture, meta_info, openai_policy, openai_trace, parent_capture,
                retraction, rollback, server_args, trace_entries, worker_scoring)
 
 _HOOKS = (
     (server_args.ADD_CLI_ARGS, server_args.add_cli_args, "AFTER"),
     (server_args.FROM_CLI_ARGS, server_args.from_cli_args, "AFTER"),
+    (info_route.LAUNCH, info_route.before_launch_server, "BEFORE"),
     (layer_capture.LOAD_MODEL, layer_capture.after_load_model, "AFTER"),
     (worker_scoring.TARGET, worker_scoring.before_forward, "BEFORE"),
     (worker_scoring.TARGET, worker_scoring.after_forward, "AFTER"),

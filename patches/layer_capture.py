@@ -94,6 +94,10 @@ def after_load_model(result, runner, *args, **kwargs):
             check_probe_fits(HarmProbe.load(config["probe_path"]), config["probe_path"],
                              runner.model_config.hf_config.to_dict(), runner.server_args.model_path)
         setattr(runner, TAPS_ATTR, install(runner.model, config["layers"]))
+        if runner.server_args.enable_metrics and getattr(runner, "tp_rank", 0) == 0:
+            from tokenwise_safety.info import describe
+            from tokenwise_safety.metrics import publish_info
+            publish_info(describe(config))
     return result
 
 

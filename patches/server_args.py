@@ -17,7 +17,7 @@ from tokenwise_safety.config import (DEFAULT_PIVOT, MODES, ON_ERROR, PLUGINS, TR
 from tokenwise_safety import admission
 from tokenwise_safety.policy import OVERRIDE_KEY_ENV
 from tokenwise_safety.scoring import parse_token_ids
-from tokenwise_safety.probe import HarmProbe, ProbeError, model_fingerprint
+from tokenwise_safety.probe import HarmProbe, ProbeError, model_fingerprint, sha256_file
 
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
@@ -127,7 +127,8 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
     # The token-ids scorer reads no hidden state and flags single tokens: window 1.
     probe_scorer = cfg.scorer == "probe"
     layers = _served_layers(probe, model_cfg, cfg.probe_path) if probe_scorer else []
-    return {"probe_path": str(cfg.probe_path), "mode": cfg.mode, "layers": layers,
+    return {"probe_path": str(cfg.probe_path), "probe_sha256": sha256_file(cfg.probe_path),
+            "tensors_sha256": probe.meta.tensors_sha256, "mode": cfg.mode, "layers": layers,
             "window": cfg.window or (probe.meta.window if probe_scorer else 1),
             "threshold": cfg.threshold if cfg.threshold is not None else probe.threshold,
             "top_k": cfg.top_k, "max_vetoes": cfg.max_vetoes, "pivot": cfg.pivot,

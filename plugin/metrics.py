@@ -84,3 +84,14 @@ def count_finish(reason: str) -> None:
     """A request the plugin ended: 'grammar' (the pivot could not satisfy it), 'second_pivot',
     'error' (fail-closed)."""
     _metrics()["finishes"].labels(reason=reason).inc()
+
+
+def publish_info(info: dict) -> None:
+    """tokenwise_safety_info{version, probe_sha256, mode, threshold, ...} 1: what this replica
+    runs (an info metric as a gauge: the multiprocess collector has no Info type)."""
+    from prometheus_client import Gauge
+
+    from tokenwise_safety.info import INFO_FIELDS
+    gauge = Gauge("tokenwise_safety_info", "Plugin version, probe artifact sha256, mode and threshold of this replica",
+                  list(INFO_FIELDS), multiprocess_mode="max")
+    gauge.labels(*(str(info[k]) for k in INFO_FIELDS)).set(1)

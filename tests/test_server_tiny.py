@@ -150,3 +150,19 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(tiny_server):
     r = requests.post(tiny_server.url + "/generate", json={"text": "x", "sampling_params": {"max_new_tokens": -3}})
     assert 400 <= r.status_code < 500
     assert len(generate(tiny_server, "Hello", n=2)["meta_info"]["harm_score"]) == 2
+
+
+def test_info_endpoint_and_metric_name_the_probe_mode_and_threshold(tiny_server, tiny_probe, tiny_server_off):
+    import hashlib
+    from tokenwise_safety.info import plugin_version
+    info = requests.get(tiny_server.url + "/tokenwise/info", timeout=30).json()
+    sha = hashlib.sha256(tiny_probe.read_bytes()).hexdigest()
+    assert info["probe_sha256"] == sha and info["probe_path"] == str(tiny_probe)
+    assert info["tensors_sha256"] == HarmProbe.load(tiny_probe).meta.tensors_sha256
+    assert (info["mode"], info["threshold"], info["window"], info["version"]) == ("shadow", 0.5, 1, plugin_version())
+    metrics = requests.get(tiny_server.url + "/metrics", timeout=30).text
+    [line] = [ln for ln in metrics.splitlines() if ln.startswith("tokenwise_safety_info{")]
+    assert f'probe_sha256="{sha}"' in line and 'mode="shadow"' in line and 'threshold="0.5"' in line
+    assert line.endswith(" 1.0")
+    # the plugin off: no such route
+    assert requests.get(tiny_server_off.url + "/tokenwise/info", timeout=30).status_code == 404

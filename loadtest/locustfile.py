@@ -44,8 +44,15 @@ def prompts() -> dict[str, list[str]]:
     return _PROMPTS
 
 
-def count(body: dict) -> None:
+RESPONSES = os.environ.get("TOKENWISE_LOADTEST_RESPONSES")  # JSONL: each response's times and trace modes
+
+
+def count(body: dict, started: float) -> None:
     """Tokens and interventions of one finished chat completion (non-streamed or last chunk)."""
+    if RESPONSES:
+        modes = [t.get("mode") for t in (body.get("metadata") or {}).get("tokenwise_safety") or []]
+        with open(RESPONSES, "a") as f:
+            f.write(json.dumps({"started": started, "finished": time.time(), "modes": modes}) + "\n")
     COUNTS["responses"] += 1
     COUNTS["completion_tokens"] += (body.get("usage") or {}).get("completion_tokens", 0)
     trace = (body.get("metadata") or {}).get("tokenwise_safety")
@@ -99,12 +106,13 @@ class _Chat(HttpUser):
 
     def ask(self, name: str) -> None:
         prompt = random.choice(prompts()[self.workload])
+        started = time.time()
         with self.client.post("/v1/chat/completions", json=chat_body(prompt), name=name,
                               catch_response=True) as r:
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
                 return
-            count(r.json())
+            count(r.json(), started)
             r.success()
 
 
@@ -141,7 +149,7 @@ class StreamingChat(HttpUser):
     @task
     def stream(self):
         prompt = random.choice(prompts()["benign"])
-        start = time.perf_counter()
+        started, start = time.time(), time.perf_counter()
         first = last = None
         gaps, final = [], {}
         with self.client.post("/v1/chat/completions", json=chat_body(prompt, stream=True), name="chat stream",
@@ -167,7 +175,7 @@ class StreamingChat(HttpUser):
             if first is None:
                 r.failure("stream ended without content")
                 return
-            count(final)
+            count(final, started)
             r.success()
         fire = self.environment.events.request.fire
         fire(request_type="TTFT", name="chat stream", response_time=(first - start) * 1000, response_length=0,

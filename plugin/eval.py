@@ -255,6 +255,8 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=0, help="cases per suite (0: all)")
     ap.add_argument("--suites", default=",".join(("advbench", "harmbench", "scorer", "jailbreak", "prefill",
                                                   "benign", "sharegpt", "borderline")))
+    ap.add_argument("--launch-modes", default="off,shadow,enforce",
+                    help="targets --launch-bundled evaluates (a subset of off,shadow,enforce)")
     ap.add_argument("--model", choices=bundled.MODELS, default=bundled.DEFAULT_MODEL,
                     help="bundled model --launch-bundled serves (with its shipped probe)")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -276,6 +278,7 @@ def main(argv=None) -> None:
     specs = [t.split("=", 1) for t in args.target]
     if args.launch_bundled:
         servers, specs = _launch_bundled(args.model)
+        specs = [(n, u) for n, u in specs if n in args.launch_modes.split(",")]
         policies.setdefault("enforce", '{"mode": "enforce"}')
     if not specs:
         ap.error("give --target NAME=URL (repeatable) or --launch-bundled")
@@ -296,11 +299,12 @@ def main(argv=None) -> None:
     report["args"] = vars(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    as_json, as_md = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")  # keep "1.5b" whole
+    as_json.write_text(json.dumps(report, indent=2))
     table = markdown(report, args.within)
-    out.with_suffix(".md").write_text(f"# Evaluation\n\n`{' '.join(sys.argv)}`\n\n{table}")
+    as_md.write_text(f"# Evaluation\n\n`{' '.join(sys.argv)}`\n\n{table}")
     print(table)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}", file=sys.stderr)
+    print(f"wrote {as_json} and {as_md}", file=sys.stderr)
 
 
 def _launch_bundled(name: str):

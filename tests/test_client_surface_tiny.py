@@ -247,3 +247,35 @@ def test_enforced_stream_chunks_carry_only_new_trace_entries(server, flagged):
         assert [x for p in parts for x in p] == whole[key], key
         assert max(len(p) for p in parts) < len(whole[key]) // 2, parts
     assert chunks[-1]["meta_info"]["tokenwise_safety"] == whole["tokenwise_safety"]
+
+
+# ---- fuzzing the plugin's request field (issue 10: bad input) ----
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10 ** 20, 10 ** 20),
+                  st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12))
+_json = st.recursive(_leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                    st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                     max_leaves=6)
+# Mostly near-valid policies (the interesting boundary), some arbitrary JSON.
+_policies = st.one_of(_json, st.dictionaries(
+    st.sampled_from(["mode", "threshold", "override_key", "Mode", "threshold "]),
+    st.one_of(st.sampled_from(["off", "shadow", "enforce", "ENFORCE", ""]), st.floats(-1, 2), _json), max_size=3))
+FUZZ_CASES = 120
+
+
+@settings(max_examples=FUZZ_CASES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(endpoint=st.sampled_from(ENDPOINTS), fields=_policies)
+def test_fuzzed_policies_get_200_or_a_4xx_naming_the_field_and_lose_no_other_request(server, endpoint, fields):
+    from concurrent.futures import ThreadPoolExecutor
+    path, body = endpoint
+    with ThreadPoolExecutor(2) as pool:  # a well-formed request in flight beside every fuzzed one
+        fuzzed = pool.submit(post, server, path, body(custom={"tokenwise_safety": fields}))
+        other = pool.submit(post, server, "/generate", gen_body(n=2))
+        r, ok = fuzzed.result(), other.result()
+    assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 2
+    assert r.status_code in (200, 400, 403), (fields, r.status_code, r.text[:300])
+    if r.status_code != 200:
+        assert "custom_params.tokenwise_safety" in r.text, (fields, r.text[:300])

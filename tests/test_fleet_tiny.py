@@ -107,7 +107,8 @@ def test_staged_rollout_under_locust_load_drops_nothing(fleet_env, tmp_path):
     done = json.loads(counts.read_text())
     assert done["requests"] > 20 and done["failures"] == 0, done
     rows = [json.loads(line) for line in responses.read_text().splitlines()]
-    assert len(rows) == done["responses"]
+    # Locust writes its counts when it quits; a response finishing during the quit is in rows only
+    assert done["responses"] <= len(rows) <= done["responses"] + 4
     # every response carries its replica's mode, and the mode fits the stage it ran under
     assert all(len(r["modes"]) == 1 and r["modes"][0] in ("shadow", "enforce") for r in rows)
     before = [r["modes"][0] for r in rows if r["finished"] < t_canary]

@@ -100,14 +100,16 @@ def chat_body(prompt: str, stream: bool = False) -> dict:
 
 
 class _Chat(HttpUser):
+    """One non-streamed chat request per task; subclasses name the workload and the row."""
     abstract = True
     wait_time = between(0.5, 1.5)
-    workload = "benign"
+    workload, row = "benign", "chat benign"
 
-    def ask(self, name: str) -> None:
+    @task
+    def chat(self) -> None:
         prompt = random.choice(prompts()[self.workload])
         started = time.time()
-        with self.client.post("/v1/chat/completions", json=chat_body(prompt), name=name,
+        with self.client.post("/v1/chat/completions", json=chat_body(prompt), name=self.row,
                               catch_response=True) as r:
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
@@ -119,27 +121,15 @@ class _Chat(HttpUser):
 class BenignChat(_Chat):
     weight = 4
 
-    @task
-    def chat(self):
-        self.ask("chat benign")
-
 
 class HarmfulMix(_Chat):
     weight = 2
-    workload = "harmful"
-
-    @task
-    def chat(self):
-        self.ask("chat harmful/jailbreak")
+    workload, row = "harmful", "chat harmful/jailbreak"
 
 
 class LongPrompt(_Chat):
     weight = 1
-    workload = "long"
-
-    @task
-    def chat(self):
-        self.ask("chat long prompt")
+    workload, row = "long", "chat long prompt"
 
 
 class StreamingChat(HttpUser):

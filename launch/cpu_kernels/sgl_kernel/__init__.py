@@ -1,16 +1,38 @@
 """sgl_kernel for machines without libcuda: import-compatible, honest about what it lacks.
 
 SGLang imports sgl_kernel (and some submodules) at startup even on its CPU engine, where,
-without AMX, it then calls none of it: layers fall back to plain torch. The PyPI build
-needs libcuda and the CPU build is not published, so this package stands in for it.
-Every name resolves to a function that raises NotImplementedError naming the op, so
-nothing silently computes a wrong result. `torch.ops.sgl_kernel` stays empty, which is
-how SGLang detects that the AMX kernels are absent (`hasattr(..., "convert_weight_packed")`).
+without AMX, layers fall back to plain torch. The PyPI build needs libcuda and the CPU
+build is not published, so this package stands in for it.
+
+Implemented (in pure torch, spec_ops.py): the CPU ops SGLang's speculative decoding
+(NGRAM, STANDALONE, EAGLE) calls once per step -- fill_bonus_tokens_cpu,
+fill_accept_out_cache_loc_cpu, assign_draft_cache_locs_contiguous_cpu,
+assign_extend_cache_locs_cpu, assign_req_to_token_pool_cpu, copy_all_layer_kv_cache_cpu,
+build_tree_kernel_efficient_cpu, verify_tree_greedy_cpu, and
+sgl_kernel.speculative.reconstruct_indices_from_tree_mask. They follow the C++ kernels of
+sgl-kernel/csrc/cpu; tests/test_spec_kernels.py checks them against loop references and
+bench/spec_kernels_cuda.py against the real CUDA/Triton kernels.
+
+Every other name resolves to a function that raises MissingKernelOp (a NotImplementedError)
+naming the op, so nothing silently computes a wrong result. `torch.ops.sgl_kernel` stays
+empty: no op is registered there, which is how SGLang detects that the AMX kernels are
+absent (`hasattr(..., "convert_weight_packed")`).
 """
 import importlib.abc
 import importlib.machinery
 import sys
 import types
+
+from .spec_ops import (  # noqa: F401  (re-exported: SGLang imports them from here)
+    assign_draft_cache_locs_contiguous_cpu,
+    assign_extend_cache_locs_cpu,
+    assign_req_to_token_pool_cpu,
+    build_tree_kernel_efficient_cpu,
+    copy_all_layer_kv_cache_cpu,
+    fill_accept_out_cache_loc_cpu,
+    fill_bonus_tokens_cpu,
+    verify_tree_greedy_cpu,
+)
 
 __version__ = "0.0.0+tokenwise.cpu"
 IS_TOKENWISE_CPU_BUILD = True
@@ -46,7 +68,9 @@ NOT_PROVIDED = {"sgl_kernel.scalar_type"}
 
 
 class _SubmoduleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Makes `import sgl_kernel.<submodule>` yield a module of missing ops."""
+    """Makes `import sgl_kernel.<submodule>` yield a module of missing ops. Submodules
+    with real files here (speculative.py, spec_ops.py) are found first by the normal path
+    finder, since this one is appended last to sys.meta_path."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname.startswith(__name__ + ".") and fullname not in NOT_PROVIDED:

@@ -2,12 +2,13 @@
 
 `register` is the `sglang.srt.plugins` entry point. SGLang calls it in every process
 (launcher, scheduler, detokenizer) and may call it more than once: it is idempotent.
-Hooks are inert unless the server was launched with --safety-plugin.
+Hooks are inert unless the server was launched with --safety-plugin, except
+cpu_verify_attention, which gives the CPU engine the speculative verify attention it lacks.
 """
 from __future__ import annotations
 
-from . import (held_finish, held_stream, info_route, layer_capture, meta_info, openai_policy, openai_trace, parent_capture,
-               retraction, rollback, server_args, trace_entries, worker_scoring)
+from . import (cpu_verify_attention, held_finish, held_stream, info_route, layer_capture, meta_info, openai_policy, openai_trace, parent_capture,
+               retraction, rollback, server_args, spec_verify, trace_entries, worker_scoring)
 
 _HOOKS = (
     (server_args.ADD_CLI_ARGS, server_args.add_cli_args, "AFTER"),
@@ -16,6 +17,9 @@ _HOOKS = (
     (layer_capture.LOAD_MODEL, layer_capture.after_load_model, "AFTER"),
     (worker_scoring.TARGET, worker_scoring.before_forward, "BEFORE"),
     (worker_scoring.TARGET, worker_scoring.after_forward, "AFTER"),
+    (worker_scoring.TARGET, spec_verify.before_verify_forward, "BEFORE"),
+    (spec_verify.VERIFY, spec_verify.around_eagle_sample, "AROUND"),
+    (cpu_verify_attention.FORWARD_EXTEND, cpu_verify_attention.around_forward_extend, "AROUND"),
     (parent_capture.SAMPLER_PREPROCESS, parent_capture.after_sampler_preprocess, "AFTER"),
     (rollback.UPDATE_CACHE, rollback.after_update_cache, "AFTER"),
     (trace_entries.COLLECT_INFO, trace_entries.after_collect_info, "AFTER"),

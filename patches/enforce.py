@@ -256,15 +256,19 @@ def _veto(worker, batch, states, rows, scores, table, next_ids, config) -> None:
             next_ids[i] = tokens[r]
 
 
-def _pivot_or_end(worker, config, req, st: RequestState, position: int, vetoed: list, next_ids, i: int) -> None:
+def _pivot_or_end(worker, config, req, st: RequestState, position: int, vetoed: list, next_ids, i: int,
+                  prev: int | None = None) -> None:
     """Steer in the pivot at `position`, or end the request there: a grammar-constrained
-    answer cannot take free text, and a second pivot in one answer would loop."""
+    answer cannot take free text, and a second pivot in one answer would loop. prev: the
+    token before `position` when it is not in the output yet (a kept speculative draft)."""
     reason = "grammar" if req.grammar is not None else "second_pivot" if st.pivots else None
     if reason is not None:
         _end(st, position, vetoed, reason)
         return
     plain, spaced = _pivot_ids(worker, config)
-    ids = spaced if position > 0 and not _ends_in_space(worker, req.output_ids[position - 1]) else plain
+    if prev is None and position > 0:
+        prev = req.output_ids[position - 1]
+    ids = spaced if prev is not None and not _ends_in_space(worker, prev) else plain
     next_ids[i] = st.start_pivot(position, vetoed, ids)
     metrics.count_pivot(st.policy.origin)
 

@@ -108,9 +108,7 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
     if cfg.client_override and not os.environ.get(OVERRIDE_KEY_ENV):
         raise ConfigError(f"--safety-client-override needs the key in the environment: "
                           f"export {OVERRIDE_KEY_ENV}=<secret>")
-    if getattr(args, "speculative_algorithm", None):
-        raise ConfigError("--safety-plugin does not support speculative decoding yet "
-                          "(drop --speculative-algorithm)")
+    _check_speculative(args)
     _check_serving_path(args, cfg)
     if cfg.scorer != "probe":
         try:
@@ -143,6 +141,23 @@ UNGUARDED_INGRESS = (("smg_grpc_mode", "--smg-grpc-mode"), ("grpc_mode", "--grpc
                      ("grpc_port", "--grpc-port"), ("sidecar", "--sidecar"))
 # Grammar backends whose matchers can roll a token back (a veto takes the pending token back).
 ROLLBACK_GRAMMARS = (None, "xgrammar", "llguidance", "none")
+
+
+# Speculative algorithms whose verify goes through eagle_sample with the target's tree,
+# where patches/spec_verify.py scores and vetoes the drafts (tested on CPU: NGRAM, STANDALONE).
+SPECULATIVE = ("NGRAM", "STANDALONE")
+
+
+def _check_speculative(args: argparse.Namespace) -> None:
+    algorithm = getattr(args, "speculative_algorithm", None)
+    if algorithm is None:
+        return
+    if str(algorithm).upper() not in SPECULATIVE:
+        raise ConfigError(f"--speculative-algorithm {algorithm} is not supported with --safety-plugin "
+                          f"(supported: {', '.join(SPECULATIVE)})")
+    if getattr(args, "speculative_use_rejection_sampling", False):
+        raise ConfigError("--speculative-use-rejection-sampling is not supported with --safety-plugin: "
+                          "its verify reads draft probabilities the veto does not mask")
 
 
 def _check_serving_path(args: argparse.Namespace, cfg: SafetyConfig) -> None:

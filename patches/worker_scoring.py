@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 def _config(worker) -> dict | None:
     """The launch config, with the scorer built once per worker (None: plugin off)."""
     if not hasattr(worker, "_tokenwise"):
-        config = getattr(worker.server_args, ATTR, None)
+        # A speculative draft model's forwards are not scored: its tokens are drafts,
+        # scored by the target at verify (patches/spec_verify.py).
+        config = None if getattr(worker, "is_draft_worker", False) else getattr(worker.server_args, ATTR, None)
         if config is not None:
             config = dict(config, scorer_obj=make_scorer(config["scorer"], HarmProbe.load(config["probe_path"])))
             logger.info("tokenwise safety: %s mode, probe %s, threshold %.3f, scorer %s",
@@ -109,17 +111,37 @@ def _score(worker, batch, logits_output, config) -> tuple[torch.Tensor, torch.Te
 def features(worker, batch, logits_output, layers, extend_lens):
     """Each request's newest position, the probe's layers concatenated: [N, F] (None when
     SGLang kept no final hidden state for this forward)."""
-    taps = layer_capture.taps_of(worker.model_runner)
     tokens = sum(extend_lens) if extend_lens is not None else len(batch.reqs)
+    parts = _layer_rows(worker, logits_output, layers, tokens)
+    if parts is None:
+        return None
+    if not parts:  # a scorer that reads no hidden state (token ids)
+        return torch.zeros(len(batch.reqs), 0)
+    parts = [last_positions(rows, extend_lens) for rows in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def all_rows(worker, logits_output, layers, tokens: int):
+    """Every position of the last forward (capture mode FULL), the probe's layers
+    concatenated: [tokens, F] (None when SGLang kept no final hidden state)."""
+    parts = _layer_rows(worker, logits_output, layers, tokens)
+    if parts is None:
+        return None
+    if not parts:
+        return torch.zeros(tokens, 0)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _layer_rows(worker, logits_output, layers, tokens: int) -> list[torch.Tensor] | None:
+    """Per probe layer, the rows of the last forward: a tapped layer has one per token;
+    the final layer has what SGLang kept (one per request in mode LAST, all in FULL)."""
+    taps = layer_capture.taps_of(worker.model_runner)
     parts = []
     for index in layers:
         if index in taps:
-            rows = taps[index].rows_of(tokens)
+            parts.append(taps[index].rows_of(tokens))
         elif logits_output.hidden_states is not None:
-            rows = logits_output.hidden_states
+            parts.append(logits_output.hidden_states)
         else:
             return None
-        parts.append(last_positions(rows, extend_lens))
-    if not parts:  # a scorer that reads no hidden state (token ids)
-        return torch.zeros(len(batch.reqs), 0)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return parts

@@ -33,6 +33,11 @@ def _metrics():
                           "Requests hit by a failed scoring or enforcement step", ["action"]),
         "finishes": Counter("tokenwise_safety_finishes",
                             "Requests the plugin ended itself", ["reason"]),
+        "draft_vetoes": Counter("tokenwise_safety_draft_vetoes",
+                                "Speculative draft tokens vetoed at verify (drawn or not)", ["origin"]),
+        "accept_length": Histogram("tokenwise_safety_spec_accept_length",
+                                   "Tokens committed per speculative verify step under the plugin",
+                                   buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)),
         "probe_seconds": Histogram("tokenwise_safety_probe_seconds",
                                    "Host time of the probe per forward step (whole batch)",
                                    buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
@@ -57,6 +62,17 @@ def observe_scores(scores: list[float]) -> None:
 
 def observe_probe_seconds(seconds: float) -> None:
     _metrics()["probe_seconds"].observe(seconds)
+
+
+def count_draft_vetoes(n: int, origin: str = "operator") -> None:
+    if n:
+        _metrics()["draft_vetoes"].labels(origin=origin).inc(n)
+
+
+def observe_accept_lengths(lengths: list[int]) -> None:
+    histogram = _metrics()["accept_length"]
+    for n in lengths:
+        histogram.observe(n)
 
 
 def count_flagged_request() -> None:

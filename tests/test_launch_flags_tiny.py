@@ -1,5 +1,5 @@
 """Launch flags the README documents, on the real server (tiny Llama): SGLang's overlap
-scheduler kept for shadow serving, the startup refusals (speculative decoding, the client
+scheduler kept for shadow serving, the startup refusals (unsupported speculative decoding, the client
 override without its key), and hidden states that stay closed to clients although the
 plugin captures them for itself (capture mode LAST)."""
 import json
@@ -21,11 +21,15 @@ ENFORCE = {"tokenwise_safety": {"mode": "enforce"}}
 
 
 # ---- startup refusals -----------------------------------------------------------------
-def test_speculative_decoding_is_refused_at_startup(weightless_model, tiny_probe):
-    proc = launch(weightless_model, "--safety-plugin", "tokenwise", "--safety-probe", str(tiny_probe),
-                  "--speculative-algorithm", "NGRAM")
-    assert_refused(proc, "--safety-plugin does not support speculative decoding yet "
-                         "(drop --speculative-algorithm)")
+@pytest.mark.parametrize("flags, message", [
+    (["--speculative-algorithm", "EAGLE3"],
+     "--speculative-algorithm EAGLE3 is not supported with --safety-plugin (supported: NGRAM, STANDALONE)"),
+    (["--speculative-algorithm", "NGRAM", "--speculative-use-rejection-sampling"],
+     "--speculative-use-rejection-sampling is not supported with --safety-plugin"),
+], ids=["eagle3", "rejection-sampling"])
+def test_unsupported_speculative_decoding_is_refused_at_startup(weightless_model, tiny_probe, flags, message):
+    proc = launch(weightless_model, "--safety-plugin", "tokenwise", "--safety-probe", str(tiny_probe), *flags)
+    assert_refused(proc, message)
 
 
 @pytest.mark.parametrize("key_env", [None, ""], ids=["unset", "empty"])

@@ -1,0 +1,71 @@
+"""Draft trees at speculative verify: the window rule along each path, and which drafted
+tokens a sequential decoder would have drawn. Pure torch, batched over requests; no
+SGLang import (patches/spec_verify.py drives it).
+
+A verify step holds, per request, a tree of D nodes: node 0 is the root (the request's
+pending token, drawn last step), every other node a drafted token whose parent is the
+node before it on its path. SGLang describes the tree by links: next_token[b, j] is
+node j's first child, next_sibling[b, j] its next sibling (-1: none).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def parents_of(next_token: torch.Tensor, next_sibling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(parent [B, D] with -1 at the root, depth [B, D]) from SGLang's tree links.
+    D rounds of scatter: a sibling inherits its elder sibling's parent, a child's depth
+    is its parent's plus one (D is the tree size, a handful)."""
+    b, d = next_token.shape
+    nodes = torch.arange(d, device=next_token.device).expand(b, d)
+    parent = torch.full((b, d + 1), -1, dtype=torch.long, device=next_token.device)  # column d: sink
+    first = next_token.long().masked_fill(next_token < 0, d)
+    parent.scatter_(1, first, nodes.clone())
+    sib = next_sibling.long().masked_fill(next_sibling < 0, d)
+    for _ in range(d):
+        parent.scatter_(1, sib, parent[:, :d].clone())
+    parent = parent[:, :d]
+    parent[:, 0] = -1
+    depth = torch.zeros((b, d), dtype=torch.long, device=next_token.device)
+    for _ in range(d):
+        depth = torch.where(parent >= 0, depth.gather(1, parent.clamp(min=0)) + 1, depth)
+    return parent, depth
+
+
+def judged_along_paths(scores: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor,
+                       recent: torch.Tensor) -> torch.Tensor:
+    """Each node's score under the window rule: the minimum of its own score and the
+    window-1 scores before it on its path, first its tree ancestors, then the request's
+    recent committed scores (recent [B, window-1], oldest first, +inf where none).
+    This is the sequential rule, since an accepted ancestor is committed before its
+    child is judged."""
+    w1 = recent.shape[1]
+    judged = scores.clone()
+    node = torch.arange(scores.shape[1], device=scores.device).expand_as(parent)
+    for k in range(1, w1 + 1):
+        in_tree = k <= depth
+        node = torch.where(parent.gather(1, node) >= 0, parent.gather(1, node), node)
+        tree_score = scores.gather(1, node)
+        hist = recent.gather(1, (w1 - (k - depth)).clamp(0, w1 - 1))
+        judged = torch.minimum(judged, torch.where(in_tree, tree_score, hist))
+    return judged
+
+
+def drawn_vetoes(child_logit: torch.Tensor, chosen_logit: torch.Tensor, vetoed: torch.Tensor) -> torch.Tensor:
+    """Vetoed children a sequential greedy decoder would have drawn before the token it
+    kept: those its parent row ranks above the chosen one. child_logit [B, D] (each node's
+    logit in its parent's row), chosen_logit [B, D] (the logit of the token kept after
+    each node's parent), vetoed [B, D] bool -> [B, D] bool."""
+    return vetoed & (child_logit > chosen_logit)
+
+
+def shift_in(recent: torch.Tensor, new: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The last window-1 committed scores after committing counts[b] scores new[b, :n]
+    (new [B, M], left-aligned) to recent [B, window-1]."""
+    w1 = recent.shape[1]
+    if not w1:
+        return recent
+    joined = torch.cat([recent, new], dim=1)  # [B, w1 + M]
+    end = w1 + counts.long()
+    idx = end[:, None] - w1 + torch.arange(w1, device=recent.device)[None, :]
+    return joined.gather(1, idx)

@@ -3,11 +3,12 @@
 `register` is the `sglang.srt.plugins` entry point. SGLang calls it in every process
 (launcher, scheduler, detokenizer) and may call it more than once: it is idempotent.
 Hooks are inert unless the server was launched with --safety-plugin, except
-cpu_verify_attention, which gives the CPU engine the speculative verify attention it lacks.
+cpu_verify_attention and cpu_draft_attention, which give the CPU engine the speculative
+verify and draft attention it lacks.
 """
 from __future__ import annotations
 
-from . import (cpu_verify_attention, held_finish, held_stream, info_route, layer_capture, meta_info, openai_policy, openai_trace, parent_capture,
+from . import (cpu_draft_attention, cpu_verify_attention, held_finish, held_stream, info_route, layer_capture, meta_info, openai_policy, openai_trace, parent_capture,
                retraction, rollback, server_args, spec_verify, trace_entries, worker_scoring)
 
 _HOOKS = (
@@ -20,6 +21,8 @@ _HOOKS = (
     (worker_scoring.TARGET, spec_verify.before_verify_forward, "BEFORE"),
     (spec_verify.VERIFY, spec_verify.around_eagle_sample, "AROUND"),
     (cpu_verify_attention.FORWARD_EXTEND, cpu_verify_attention.around_forward_extend, "AROUND"),
+    (cpu_draft_attention.CREATE_DECODE_BACKEND, cpu_draft_attention.around_create_decode_backend, "AROUND"),
+    (cpu_draft_attention.CREATE_DRAFT_EXTEND_BACKEND, cpu_draft_attention.around_create_draft_extend_backend, "AROUND"),
     (parent_capture.SAMPLER_PREPROCESS, parent_capture.after_sampler_preprocess, "AFTER"),
     (rollback.UPDATE_CACHE, rollback.after_update_cache, "AFTER"),
     (trace_entries.COLLECT_INFO, trace_entries.after_collect_info, "AFTER"),

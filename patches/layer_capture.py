@@ -88,6 +88,8 @@ def after_load_model(result, runner, *args, **kwargs):
     """Install the taps right after the weights load, before any CUDA graph is captured."""
     from .server_args import ATTR, check_probe_fits  # noqa: PLC0415 (patches import each other lazily)
     config = getattr(runner.server_args, ATTR, None)
+    if getattr(runner, "is_draft_worker", False):
+        return result  # a speculative draft model: its tokens are scored by the target at verify
     if config is not None and not hasattr(runner, TAPS_ATTR):
         if config["scorer"] == "probe":  # a hub id was not checked at launch; a folder again, cheaply
             from tokenwise_safety.probe import HarmProbe

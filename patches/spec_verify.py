@@ -40,13 +40,17 @@ class _Verify:
 
 
 def before_verify_forward(worker, batch=None, *args, **kwargs):
-    """BEFORE the target worker's verify forward: keep every node's final hidden state."""
-    if kwargs.get("is_verify") and batch is not None and worker_scoring._config(worker) is not None:
+    """BEFORE the target worker's verify forward: keep every node's final hidden state.
+    NGRAM hands over the schedule batch, the EAGLE-v2 workers (STANDALONE) a ready
+    forward batch (forward_batch=...)."""
+    target = batch if batch is not None else kwargs.get("forward_batch")
+    if kwargs.get("is_verify") and target is not None and worker_scoring._config(worker) is not None:
         from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
 
-        batch.spec_info.capture_hidden_mode = CaptureHiddenMode.FULL
-        if hasattr(batch, "capture_hidden_mode"):
-            batch.capture_hidden_mode = CaptureHiddenMode.FULL
+        if target.spec_info is not None:
+            target.spec_info.capture_hidden_mode = CaptureHiddenMode.FULL
+        if hasattr(target, "capture_hidden_mode"):
+            target.capture_hidden_mode = CaptureHiddenMode.FULL
         _Verify.worker = worker
     return None
 
@@ -153,10 +157,14 @@ class _Tree:
         self.child_logit = self.logits[parent_rows, self.tokens.flatten()].view(self.n, self.d).float()
         blocked = self.vetoed | (self.fixed[:, None] & (self.parent == 0))
         b, j = blocked.nonzero(as_tuple=True)
-        self.logits[self.base[b, 0] + self.parent[b, j], self.tokens[b, j]] = float("-inf")
+        rows, toks = self.base[b, 0] + self.parent[b, j], self.tokens[b, j]
+        self.masked = (rows, toks, self.logits[rows, toks].clone())
+        self.logits[rows, toks] = float("-inf")
 
     def fail_all(self) -> None:
         """A bug in the veto path: every enforced row goes to --safety-on-error."""
+        empty = torch.zeros(0, dtype=torch.long, device=self.logits.device)
+        self.masked = (empty, empty, self.logits[empty, empty])
         self.ok = torch.zeros_like(self.ok)
         self.root_over = torch.zeros(self.n, dtype=torch.bool, device=self.logits.device)
         self.vetoed = torch.zeros_like(self.ok)
@@ -196,6 +204,11 @@ class _Tree:
                 accept_index[i, cut + 1:] = -1
                 accept_lens[i] = lens[i] = cut + 1
                 entries[i] = entries[i][:cut + 1]
+        # The bonus token's parent distribution is kept unmasked: a vetoed draft the row
+        # ranked below the bonus was never drawn, and a re-draw must meet it (and score
+        # it) exactly where a sequential decoder would.
+        rows, toks, values = self.masked
+        self.logits[rows, toks] = values
         self._keep_history((accept_index.long().to(dev) - self.base).clamp(min=0), lens)
         self._publish((accept_index.long().to(dev) - self.base).clamp(min=0), lens, entries)
         enforce._Step.rollback = sorted(set(self.rollback))

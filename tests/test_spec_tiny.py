@@ -1,9 +1,9 @@
-"""Speculative decoding (NGRAM) with the plugin, on the real CPU server (tiny Llama).
+"""Speculative decoding (NGRAM, STANDALONE) with the plugin, on the real CPU server (tiny Llama).
 
 The token-id scorer flags three token ids, so every veto is known in advance. With greedy
-decoding, NGRAM + plugin must produce exactly what non-speculative + plugin produces:
+decoding, speculation + plugin must produce exactly what non-speculative + plugin produces:
 the same tokens, the same per-token scores, the same interventions (re-draws, pivots,
-requests the plugin ended), over 32 prompts; and NGRAM with the plugin off must equal
+requests the plugin ended), over 32 prompts; and speculation with the plugin off must equal
 plain decoding. The random tiny model repeats itself, which is what NGRAM drafts from,
 so drafts are accepted and vetoed inside trees.
 """
@@ -20,6 +20,18 @@ from test_server_tiny import PROMPTS, generate
 
 KEY = "test-override-key"
 NGRAM = ["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "6"]
+
+
+def spec_flags(algorithm: str, model) -> list[str]:
+    """NGRAM drafts from the text so far; STANDALONE from a draft model (the tiny model
+    itself, so its drafts are mostly right and vetoes happen inside long accepted runs)."""
+    if algorithm == "NGRAM":
+        return NGRAM
+    return ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", str(model),
+            "--speculative-num-steps", "3", "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"]
+
+
+ALGORITHMS = ["NGRAM", "STANDALONE"]
 SPEC_PROMPTS = PROMPTS + [f"{w} {w} {w} {i}" for i, w in enumerate(
     ["one", "two", "list:", "a, b, c,", "x = x + 1;", "repeat", "for i in", "- item", "1 2 3", "la la",
      "abc", "the end"])]
@@ -42,29 +54,31 @@ def flagged(tiny_server_off):
     raise AssertionError("no answer has a position whose two best tokens could both be flagged")
 
 
-def _server(tiny_model, tiny_probe, flagged, log, spec: bool):
+def _server(tiny_model, tiny_probe, flagged, log, spec: list[str]):
     flags = ["--safety-probe", str(tiny_probe), "--safety-scorer", "token-ids:" + ",".join(map(str, flagged)),
              "--safety-client-override", "--safety-trace-detail", "full", "--safety-max-vetoes", "1"]
-    return Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS + (NGRAM if spec else []), log_path=log,
+    return Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS + spec, log_path=log,
                   env={OVERRIDE_KEY_ENV: KEY})
 
 
 @pytest.fixture(scope="module")
 def plain_on(tiny_model, tiny_probe, flagged, tmp_path_factory):
-    with _server(tiny_model, tiny_probe, flagged, tmp_path_factory.mktemp("logs") / "plain.log", False) as s:
+    with _server(tiny_model, tiny_probe, flagged, tmp_path_factory.mktemp("logs") / "plain.log", []) as s:
         yield s
 
 
-@pytest.fixture(scope="module")
-def ngram_on(tiny_model, tiny_probe, flagged, tmp_path_factory):
-    with _server(tiny_model, tiny_probe, flagged, tmp_path_factory.mktemp("logs") / "ngram.log", True) as s:
+@pytest.fixture(scope="module", params=ALGORITHMS)
+def spec_on(request, tiny_model, tiny_probe, flagged, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / f"{request.param}.log"
+    with _server(tiny_model, tiny_probe, flagged, log, spec_flags(request.param, tiny_model)) as s:
         yield s
 
 
-@pytest.fixture(scope="module")
-def ngram_off(tiny_model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "ngram_off.log"
-    with Server(tiny_model, safety=None, extra=TINY_SERVER_FLAGS + NGRAM, log_path=log) as s:
+@pytest.fixture(scope="module", params=ALGORITHMS)
+def spec_off(request, tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / f"{request.param}_off.log"
+    with Server(tiny_model, safety=None, extra=TINY_SERVER_FLAGS + spec_flags(request.param, tiny_model),
+                log_path=log) as s:
         yield s
 
 
@@ -76,10 +90,10 @@ def gen(server, prompt, n=24, policy=None):
     return r.json()
 
 
-def test_ngram_without_the_plugin_equals_plain_decoding(ngram_off, tiny_server_off):
+def test_speculation_without_the_plugin_equals_plain_decoding(spec_off, tiny_server_off):
     accepted = 0
     for prompt in SPEC_PROMPTS:
-        spec = gen(ngram_off, prompt)
+        spec = gen(spec_off, prompt)
         assert spec["output_ids"] == gen(tiny_server_off, prompt)["output_ids"], prompt
         accepted += spec["meta_info"].get("spec_num_correct_drafts", 0) or 0
     assert accepted > 0  # drafts were accepted: speculative decoding really ran
@@ -92,12 +106,12 @@ def _decisions(out: dict) -> tuple:
     return out["output_ids"], meta.get("harm_score"), trace.get("interventions"), finish
 
 
-def test_ngram_with_enforce_equals_plain_enforce(plain_on, ngram_on, flagged):
+def test_speculation_with_enforce_equals_plain_enforce(plain_on, spec_on, flagged):
     """Exact tokens, scores and interventions, for shadow and for enforce."""
     kinds = Counter()
     for prompt in SPEC_PROMPTS:
         for policy in (None, ENFORCE):
-            plain, spec = gen(plain_on, prompt, policy=policy), gen(ngram_on, prompt, policy=policy)
+            plain, spec = gen(plain_on, prompt, policy=policy), gen(spec_on, prompt, policy=policy)
             assert _decisions(spec) == _decisions(plain), (prompt, policy)
             if policy:
                 assert not set(flagged) & set(spec["output_ids"])
@@ -106,8 +120,8 @@ def test_ngram_with_enforce_equals_plain_enforce(plain_on, ngram_on, flagged):
     assert kinds["redraw"] and kinds["pivot"], kinds  # the prompts exercise both
 
 
-def test_ngram_accepts_drafts_under_enforce(ngram_on):
-    accepted = sum(gen(ngram_on, p, policy=ENFORCE)["meta_info"].get("spec_num_correct_drafts", 0) or 0
+def test_speculation_accepts_drafts_under_enforce(spec_on):
+    accepted = sum(gen(spec_on, p, policy=ENFORCE)["meta_info"].get("spec_num_correct_drafts", 0) or 0
                    for p in SPEC_PROMPTS[:8])
     assert accepted > 0
 
@@ -116,12 +130,42 @@ def _metric(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_drafts_are_vetoed_inside_trees_and_counted(ngram_on, flagged):
-    """Flagged tokens drafted by NGRAM are vetoed at verify (not only roots): the
+def test_drafts_are_vetoed_inside_trees_and_counted(spec_on, flagged):
+    """Flagged tokens in draft trees are vetoed at verify (not only roots): the
     draft-veto counter grows, and accept lengths are recorded."""
-    before = _metric(requests.get(ngram_on.url + "/metrics", timeout=30).text, "tokenwise_safety_draft_vetoes_total")
+    before = _metric(requests.get(spec_on.url + "/metrics", timeout=30).text, "tokenwise_safety_draft_vetoes_total")
     for prompt in SPEC_PROMPTS[:16]:
-        gen(ngram_on, prompt, policy=ENFORCE)
-    text = requests.get(ngram_on.url + "/metrics", timeout=30).text
+        gen(spec_on, prompt, policy=ENFORCE)
+    text = requests.get(spec_on.url + "/metrics", timeout=30).text
     assert _metric(text, "tokenwise_safety_draft_vetoes_total") > before
     assert _metric(text, "tokenwise_safety_spec_accept_length_count") > 0
+
+
+def test_speculative_stream_never_sends_a_vetoed_token(spec_on, flagged):
+    """Streaming under speculation: each chunk extends the last (nothing sent is taken back),
+    no flagged token is ever sent, and the stream ends with the non-streamed answer."""
+    import json
+    prompt, full = next((p, o) for p in SPEC_PROMPTS for o in [gen(spec_on, p, policy=ENFORCE)]
+                        if o["meta_info"]["tokenwise_safety"]["num_vetoes"])
+    body = {"text": prompt, "stream": True, "sampling_params": {
+        "max_new_tokens": 24, "temperature": 0, "ignore_eos": True, **ENFORCE}}
+    sent = []
+    with requests.post(spec_on.url + "/generate", json=body, stream=True, timeout=120) as r:
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("data: {"):
+                ids = json.loads(line[6:])["output_ids"]
+                assert not set(flagged) & set(ids)
+                assert ids[:len(sent)] == sent
+                sent = ids
+    assert sent == full["output_ids"]
+
+
+def test_concurrent_mixed_policies_under_speculation_match_plain(plain_on, spec_on, flagged):
+    """Eight concurrent requests, shadow and enforce mixed in one verify batch: each equals
+    the same request on the plain server."""
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [(SPEC_PROMPTS[i], ENFORCE if i % 2 else None) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda j: gen(spec_on, j[0], policy=j[1]), jobs))
+    for (prompt, policy), out in zip(jobs, outs):
+        assert out["output_ids"] == gen(plain_on, prompt, policy=policy)["output_ids"], (prompt, policy)

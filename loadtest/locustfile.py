@@ -45,6 +45,17 @@ def prompts() -> dict[str, list[str]]:
 
 
 RESPONSES = os.environ.get("TOKENWISE_LOADTEST_RESPONSES")  # JSONL: each response's times and trace modes
+FAILURES = os.environ.get("TOKENWISE_LOADTEST_FAILURES")  # JSONL: each failed request, and whether it had streamed
+
+
+def fail(r, row: str, started: float, why: str, streamed: bool = False) -> None:
+    """Mark a request failed in Locust and, when asked, record it (fault tests tell a lost
+    stream that had started from a request that was never served)."""
+    r.failure(why)
+    if FAILURES:
+        with open(FAILURES, "a") as f:
+            f.write(json.dumps({"row": row, "started": started, "finished": time.time(), "error": why[:300],
+                                "streamed": streamed}) + "\n")
 
 
 def count(body: dict, started: float) -> None:
@@ -112,7 +123,7 @@ class _Chat(HttpUser):
         with self.client.post("/v1/chat/completions", json=chat_body(prompt), name=self.row,
                               catch_response=True) as r:
             if r.status_code != 200:
-                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                fail(r, self.row, started, f"HTTP {r.status_code}: {r.text[:200]}")
                 return
             count(r.json(), started)
             r.success()
@@ -145,25 +156,29 @@ class StreamingChat(HttpUser):
         with self.client.post("/v1/chat/completions", json=chat_body(prompt, stream=True), name="chat stream",
                               stream=True, catch_response=True) as r:
             if r.status_code != 200:
-                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                fail(r, "chat stream", started, f"HTTP {r.status_code}: {r.text[:200]}")
                 return
-            for line in r.iter_lines():
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    final["usage"] = chunk["usage"]
-                if chunk.get("metadata"):
-                    final["metadata"] = chunk["metadata"]
-                if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
-                    now = time.perf_counter()
-                    if first is None:
-                        first = now
-                    else:
-                        gaps.append(now - last)
-                    last = now
+            try:
+                for line in r.iter_lines():
+                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        final["usage"] = chunk["usage"]
+                    if chunk.get("metadata"):
+                        final["metadata"] = chunk["metadata"]
+                    if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now
+                        else:
+                            gaps.append(now - last)
+                        last = now
+            except Exception as e:  # noqa: BLE001 (a broken stream, whatever broke it, is this request's failure)
+                fail(r, "chat stream", started, f"stream broken: {e!r}", streamed=first is not None)
+                return
             if first is None:
-                r.failure("stream ended without content")
+                fail(r, "chat stream", started, "stream ended without content")
                 return
             count(final, started)
             r.success()

@@ -119,3 +119,35 @@ def test_staged_rollout_under_locust_load_drops_nothing(fleet_env, tmp_path):
     assert [r["info"]["mode"] for r in status["replicas"]] == ["enforce", "shadow"]
     assert all(r["info"]["probe_sha256"] == config["probe"]["sha256"] for r in status["replicas"])
     assert len(requests.get(router + "/workers", timeout=10).json()["workers"]) == 2
+
+
+def test_a_replica_killed_under_load_loses_only_streams_it_had_started(fleet_env, tmp_path):
+    """SIGKILL one of two replicas under Locust load (no drain): the router retries what
+    the dead replica had not answered on the other one, so the only requests lost are
+    streams that had already sent content (their bytes cannot be taken back)."""
+    env, path, config = fleet_env
+    state = run_fleet(env, "up", "--config", str(path))
+    router, victim = state["router"]["url"], state["replicas"][0]
+    responses, failures, counts = tmp_path / "responses.jsonl", tmp_path / "failures.jsonl", tmp_path / "counts.json"
+    locust = subprocess.Popen(
+        [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "-u", "6", "-r", "6",
+         "-t", "600s", "--host", router],
+        env={**env, "TOKENWISE_LOADTEST_RESPONSES": str(responses), "TOKENWISE_LOADTEST_FAILURES": str(failures),
+             "TOKENWISE_LOADTEST_COUNTS": str(counts), "TOKENWISE_LOADTEST_MAX_TOKENS": "24",
+             "TOKENWISE_LOADTEST_MAX_PROMPT_CHARS": "300", "TOKENWISE_LOADTEST_LONG_TURNS": "2"},
+        stdout=open(tmp_path / "locust.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for_responses(responses, lambda r: True, n=8)
+        t_kill = time.time()
+        os.killpg(victim["pid"], signal.SIGKILL)
+        wait_for_responses(responses, lambda r: r["started"] > t_kill + 2, n=10)
+    finally:
+        locust.send_signal(signal.SIGTERM)
+        locust.wait(timeout=300)
+    done = json.loads(counts.read_text())
+    lost = [json.loads(line) for line in failures.read_text().splitlines()] if failures.is_file() else []
+    print(f"\nreplica killed under load: {done['requests']} requests, {len(lost)} lost: "
+          + json.dumps([{k: f[k] for k in ("row", "streamed", "error")} for f in lost]))
+    assert done["failures"] == len(lost)
+    assert all(f["row"] == "chat stream" and f["streamed"] for f in lost), lost
+    assert all(f["started"] < t_kill for f in lost), lost  # nothing sent after the kill failed

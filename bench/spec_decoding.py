@@ -87,6 +87,9 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--dtype", default=None, help="serving dtype of every server (default: chosen for this CPU)")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="which of a_plain_off, b_plain_enforce, c_spec_off, d_spec_enforce to run (a model too "
+                         "big for four servers at once: a subset per run, ratios only within one run)")
     ap.add_argument("--out", default="bench/results/spec_decoding.json")
     args = ap.parse_args(argv)
     model = prepare(args.model)
@@ -94,14 +97,14 @@ def main(argv=None) -> None:
     extra = [] if dtype == "auto" else ["--dtype", dtype]
     safety = ["--safety-probe", str(probe_path(args.model))]
     spec = spec_flags(args)
-    servers = {
-        "plain_off": Server(model, safety=None, extra=extra, log_path="/tmp/tokenwise-spec-plain-off.log"),
-        "plain_on": Server(model, safety=safety, extra=extra, log_path="/tmp/tokenwise-spec-plain-on.log"),
-        "spec_off": Server(model, safety=None, extra=extra + spec, log_path="/tmp/tokenwise-spec-off.log"),
-        "spec_on": Server(model, safety=safety, extra=extra + spec, log_path="/tmp/tokenwise-spec-on.log"),
-    }
+    configs = [c for c in CONFIGS if c in args.configs.split(",")]
     route = {"a_plain_off": ("plain_off", None), "b_plain_enforce": ("plain_on", ENFORCE),
              "c_spec_off": ("spec_off", None), "d_spec_enforce": ("spec_on", ENFORCE)}
+    flags = {"plain_off": (None, extra), "plain_on": (safety, extra), "spec_off": (None, extra + spec),
+             "spec_on": (safety, extra + spec)}
+    servers = {name: Server(model, safety=flags[name][0], extra=flags[name][1],
+                            log_path=f"/tmp/tokenwise-spec-{name}.log")
+               for name in sorted({route[c][0] for c in configs})}
     where = machine(dtype, why)
     print(f"cpu {where['cpu']} flags {' '.join(where['cpu_flags']) or '-'}: dtype {dtype} ({why})", flush=True)
     results = []
@@ -111,24 +114,25 @@ def main(argv=None) -> None:
         for workload in args.workloads.split(","):
             prompts = [chat_prompt(model, p) for p in WORKLOADS[workload]]
             for batch in map(int, args.batches.split(",")):
-                tps = {c: [] for c in CONFIGS}
-                acc = {c: [] for c in CONFIGS}
+                tps = {c: [] for c in configs}
+                acc = {c: [] for c in configs}
                 for run in range(args.runs + 1):  # run 0 warms up and is discarded
-                    for config in CONFIGS:
+                    for config in configs:
                         name, policy = route[config]
                         t, a = one_run(servers[name].url, prompts, batch, args.tokens, policy)
                         if run:
                             tps[config].append(t)
                             acc[config].append(a)
                     print(f"{workload} batch {batch} run {run}/{args.runs}: " + ", ".join(
-                        f"{c} {tps[c][-1]:.1f} tok/s" for c in CONFIGS if run), flush=True)
+                        f"{c} {tps[c][-1]:.1f} tok/s" for c in configs if run), flush=True)
                 med = {c: statistics.median(v) for c, v in tps.items()}
                 acc_med = {c: statistics.median(v) if all(x is not None for x in v) else None
                            for c, v in acc.items()}
+                ratio = lambda x, y: med[x] / med[y] if x in med and y in med else None  # noqa: E731
                 results.append({"workload": workload, "batch": batch, "tok_s": tps, "accept_length": acc,
                                 "median_tok_s": med, "median_accept_length": acc_med,
-                                "d_over_a": med["d_spec_enforce"] / med["a_plain_off"],
-                                "d_over_c": med["d_spec_enforce"] / med["c_spec_off"]})
+                                "d_over_a": ratio("d_spec_enforce", "a_plain_off"),
+                                "d_over_c": ratio("d_spec_enforce", "c_spec_off")})
     finally:
         for s in servers.values():
             s.stop()
@@ -138,9 +142,10 @@ def main(argv=None) -> None:
     for r in results:
         m, a = r["median_tok_s"], r["median_accept_length"]
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        print(f"| {r['workload']} | {r['batch']} | {m['a_plain_off']:.1f} | {m['b_plain_enforce']:.1f} | "
-              f"{m['c_spec_off']:.1f} | {m['d_spec_enforce']:.1f} | {fmt(a['c_spec_off'])} | "
-              f"{fmt(a['d_spec_enforce'])} | {r['d_over_a']:.2f} | {r['d_over_c']:.2f} |")
+        tok = lambda c: "-" if c not in m else f"{m[c]:.1f}"  # noqa: E731
+        print(f"| {r['workload']} | {r['batch']} | {tok('a_plain_off')} | {tok('b_plain_enforce')} | "
+              f"{tok('c_spec_off')} | {tok('d_spec_enforce')} | {fmt(a.get('c_spec_off'))} | "
+              f"{fmt(a.get('d_spec_enforce'))} | {fmt(r['d_over_a'])} | {fmt(r['d_over_c'])} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "algorithm": args.algorithm, "spec_flags": spec,

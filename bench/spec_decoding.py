@@ -90,11 +90,13 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help="which of a_plain_off, b_plain_enforce, c_spec_off, d_spec_enforce to run (a model too "
                          "big for four servers at once: a subset per run, ratios only within one run)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra flag for every server (repeatable), e.g. --server-arg=--mem-fraction-static=0.95")
     ap.add_argument("--out", default="bench/results/spec_decoding.json")
     args = ap.parse_args(argv)
     model = prepare(args.model)
     dtype, why = serving_dtype(["--dtype", args.dtype] if args.dtype else [])
-    extra = [] if dtype == "auto" else ["--dtype", dtype]
+    extra = ([] if dtype == "auto" else ["--dtype", dtype]) + [a for arg in args.server_arg for a in arg.split("=", 1)]
     safety = ["--safety-probe", str(probe_path(args.model))]
     spec = spec_flags(args)
     configs = [c for c in CONFIGS if c in args.configs.split(",")]

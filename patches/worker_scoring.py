@@ -49,12 +49,20 @@ def _scorable(batch, kwargs, args) -> bool:
 
 
 def before_forward(worker, batch=None, *args, **kwargs):
-    """Arm the parent-distribution capture for this step if a request may be vetoed."""
+    """Arm the parent-distribution capture for this step if a request may be vetoed, and
+    keep the final hidden state where a speculative worker asked for none (STANDALONE's
+    target prefill passes capture_hidden_mode=NULL)."""
     config = _config(worker)
-    if config is not None and _scorable(batch, kwargs, args):
-        states = enforce.states_of(worker, batch, config)
-        armed = config["enforce_possible"] and any(st.policy.enforce for st in states)
-        enforce.arm(config["top_k"] if armed else 0)
+    if config is None or not _scorable(batch, kwargs, args):
+        return None
+    states = enforce.states_of(worker, batch, config)
+    armed = config["enforce_possible"] and any(st.policy.enforce for st in states)
+    enforce.arm(config["top_k"] if armed else 0)
+    mode = kwargs.get("capture_hidden_mode")
+    if -1 in config["layers"] and mode is not None and not mode.need_capture():
+        from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
+
+        return (worker, batch, *args), {**kwargs, "capture_hidden_mode": CaptureHiddenMode.LAST}
     return None
 
 

@@ -169,3 +169,21 @@ def test_concurrent_mixed_policies_under_speculation_match_plain(plain_on, spec_
         outs = list(pool.map(lambda j: gen(spec_on, j[0], policy=j[1]), jobs))
     for (prompt, policy), out in zip(jobs, outs):
         assert out["output_ids"] == gen(plain_on, prompt, policy=policy)["output_ids"], (prompt, policy)
+
+
+def test_standalone_with_the_probe_scores_every_token(tiny_model, tiny_probe, tmp_path_factory):
+    """The probe reads the final hidden state: STANDALONE's target prefill asks for none
+    (capture mode NULL), the plugin keeps it. Every output token is scored, and the
+    scores equal plain decoding's (same model, same probe)."""
+    log = tmp_path_factory.mktemp("logs") / "standalone_probe.log"
+    flags = ["--safety-probe", str(tiny_probe), "--safety-trace-detail", "full"]
+    with Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS + spec_flags("STANDALONE", tiny_model),
+                log_path=log) as spec, Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS,
+                                              log_path=log.with_name("plain_probe.log")) as plain:
+        for prompt in SPEC_PROMPTS[:4]:
+            a, b = gen(spec, prompt), gen(plain, prompt)
+            assert a["output_ids"] == b["output_ids"]
+            scores = a["meta_info"]["harm_score"]
+            assert len(scores) == len(a["output_ids"]) and None not in scores
+            assert scores == pytest.approx(b["meta_info"]["harm_score"], abs=1e-4)
+    assert "scoring failed" not in log.read_text()

@@ -26,7 +26,7 @@ import torch
 
 from tokenwise_safety import metrics
 from tokenwise_safety.commit import Intervention
-from tokenwise_safety.spec_tree import drawn_vetoes, judged_along_paths, parents_of, shift_in
+from tokenwise_safety.spec_tree import judged_along_paths, parents_of, shift_in
 from tokenwise_safety.trace import INTERVENTION_KEY, TRACE_KEY
 
 from . import enforce, worker_scoring
@@ -96,17 +96,10 @@ def around_eagle_sample(original, verify_input, batch, logits_output, *args, **k
 
 def _score_tree(worker, logits_output, verify_input, rows: int, config):
     """(scores [rows], ok [rows]) for every node of every tree, one batched op."""
-    try:
-        hidden = worker_scoring.all_rows(worker, logits_output, config["layers"], rows)
-        if hidden is None:
-            raise RuntimeError("SGLang kept no hidden state for this verify forward")
-        scores, seconds = config["scorer_obj"].score_step(hidden, verify_input.draft_token.reshape(-1))
-        metrics.observe_probe_seconds(seconds)
-    except Exception:
-        logger.exception("tokenwise safety: scoring failed for a verify step of %d nodes", rows)
-        return torch.zeros(rows), torch.zeros(rows, dtype=torch.bool)
-    ok = torch.isfinite(scores)
-    return torch.where(ok, scores, torch.zeros_like(scores)), ok
+    return worker_scoring.guarded_scores(
+        config, rows, f"a verify step of {rows} nodes",
+        lambda: (worker_scoring.all_rows(worker, logits_output, config["layers"], rows),
+                 verify_input.draft_token.reshape(-1)))
 
 
 class _Tree:
@@ -181,7 +174,6 @@ class _Tree:
         lens = accept_lens.tolist()  # the step's host sync (SGLang syncs on it anyway)
         paths = accept_index.tolist()
         dev = self.logits.device
-        local = (accept_index.long().to(dev) - self.base).clamp(min=0)
         next_ids = torch.zeros(self.n, dtype=torch.long, device=dev)
         entries: list[list] = [[None] * lens[i] for i in range(self.n)]
         # A harmful root: the non-speculative veto, from the root's stored parent row.
@@ -209,8 +201,9 @@ class _Tree:
         # it) exactly where a sequential decoder would.
         rows, toks, values = self.masked
         self.logits[rows, toks] = values
-        self._keep_history((accept_index.long().to(dev) - self.base).clamp(min=0), lens)
-        self._publish((accept_index.long().to(dev) - self.base).clamp(min=0), lens, entries)
+        local = (accept_index.long().to(dev) - self.base).clamp(min=0)  # after any cut
+        self._keep_history(local, lens)
+        self._publish(local, lens, entries)
         enforce._Step.rollback = sorted(set(self.rollback))
 
     def _drawn(self, predict, paths, lens) -> dict[int, list[tuple[int, list[int]]]]:
@@ -227,7 +220,7 @@ class _Tree:
                 if not kids.numel():
                     continue
                 kept = self.logits[paths[i][k], int(predict[paths[i][k]])].float()
-                ahead = drawn_vetoes(self.child_logit[i, kids], kept, torch.ones_like(kids, dtype=torch.bool))
+                ahead = self.child_logit[i, kids] > kept
                 kids = sorted(kids[ahead].tolist(), key=lambda c: -float(self.child_logit[i, c]))
                 if kids:
                     out.setdefault(i, []).append((k, kids))

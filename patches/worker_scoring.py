@@ -96,21 +96,29 @@ def _whole_step_failed(worker, batch, result, scores, config, info) -> None:
 
 
 def _score(worker, batch, logits_output, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores [N], ok [N] bool): a row is not ok when scoring raised, found no hidden
-    state, or gave NaN/inf (its score is then 0.0, and --safety-on-error decides)."""
-    n = len(batch.reqs)
-    try:
+    """Each request's newest position, scored (see guarded_scores)."""
+    def inputs():
         extend_lens = batch.extend_lens if batch.forward_mode.is_extend() else None
         hidden = features(worker, batch, logits_output, config["layers"], extend_lens)
-        if hidden is None:
-            raise RuntimeError("SGLang kept no hidden state for this forward")
         input_ids = None
         if batch.input_ids is not None:
             input_ids = last_positions(batch.input_ids[:, None], extend_lens)[:, 0]
+        return hidden, input_ids
+    return guarded_scores(config, len(batch.reqs), f"a batch of {len(batch.reqs)} request(s)", inputs)
+
+
+def guarded_scores(config, n: int, what: str, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [n], ok [n] bool) of the rows inputs() -> (hidden or None, token ids) gives:
+    a row is not ok when scoring raised, found no hidden state, or gave NaN/inf (its score
+    is then 0.0, and --safety-on-error decides)."""
+    try:
+        hidden, input_ids = inputs()
+        if hidden is None:
+            raise RuntimeError("SGLang kept no hidden state for this forward")
         scores, seconds = config["scorer_obj"].score_step(hidden, input_ids)
         metrics.observe_probe_seconds(seconds)
     except Exception:
-        logger.exception("tokenwise safety: scoring failed for a batch of %d request(s)", n)
+        logger.exception("tokenwise safety: scoring failed for %s", what)
         return torch.zeros(n), torch.zeros(n, dtype=torch.bool)
     ok = torch.isfinite(scores)
     return torch.where(ok, scores, torch.zeros_like(scores)), ok

@@ -51,14 +51,6 @@ def judged_along_paths(scores: torch.Tensor, parent: torch.Tensor, depth: torch.
     return judged
 
 
-def drawn_vetoes(child_logit: torch.Tensor, chosen_logit: torch.Tensor, vetoed: torch.Tensor) -> torch.Tensor:
-    """Vetoed children a sequential greedy decoder would have drawn before the token it
-    kept: those its parent row ranks above the chosen one. child_logit [B, D] (each node's
-    logit in its parent's row), chosen_logit [B, D] (the logit of the token kept after
-    each node's parent), vetoed [B, D] bool -> [B, D] bool."""
-    return vetoed & (child_logit > chosen_logit)
-
-
 def shift_in(recent: torch.Tensor, new: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The last window-1 committed scores after committing counts[b] scores new[b, :n]
     (new [B, M], left-aligned) to recent [B, window-1]."""

@@ -21,13 +21,16 @@ chunked prefill that sample nothing.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
-from tokenwise_safety import admission, metrics
+from tokenwise_safety import admission, metrics, self_judge
 from tokenwise_safety.commit import Intervention, RequestPolicy, RequestState, redraw
 from tokenwise_safety.policy import POLICY_KEY
-from tokenwise_safety.trace import INTERVENTION_KEY
+from tokenwise_safety.trace import INTERVENTION_KEY, JUDGE_KEY
+
+from . import judge_fork
 
 ATTR = "_tokenwise_state"
 STOP_RECORD = "tokenwise_stop"  # finish-reason field carrying the closing intervention record
@@ -143,6 +146,8 @@ def apply(worker, batch, result, scores: torch.Tensor, ok: torch.Tensor, config:
         rollback += _judge(worker, batch, states, kinds, scores, ok, stops, next_ids, entries, config)
     _Step.rollback = rollback
     trace_extra[INTERVENTION_KEY] = entries
+    if config["judge"]["mode"] != "off":
+        trace_extra[JUDGE_KEY] = _judge_records(states, kinds, rollback, stops)
 
 
 def _fail(reqs, states, kinds, failed: list[int], config) -> set[int]:
@@ -178,6 +183,8 @@ def _judge(worker, batch, states, kinds, scores, ok, stops, next_ids, entries, c
     _restore_history(table, batch, kinds, states)
     judged = table.judged(slots, scores, mask(lambda i: kinds[i] == PROMPT))
     over = (judged >= thresholds) & judge
+    if config["judge"]["mode"] != "off":
+        over = _second_opinion(worker, batch, states, kinds, judged, judge, over, config)
     over_rows = over.nonzero().flatten().tolist()  # the step's one host sync
     vetoed = [i for i in over_rows if kinds[i] == PENDING]
     keep = live & ~mask(lambda i: i in vetoed)
@@ -196,6 +203,78 @@ def _judge(worker, batch, states, kinds, scores, ok, stops, next_ids, entries, c
         elif kind == PENDING and i not in vetoed and i not in stops:
             entries[i] = _commit_pending(st, next_ids, i)
     return vetoed
+
+
+def _second_opinion(worker, batch, states, kinds, judged, judge, over, config) -> torch.Tensor:
+    """Self-judgment for rows whose score lies in the uncertain band: a standing verdict
+    (younger than --safety-judge-every positions) or a fresh judge pass on a fork of the
+    request's KV decides for them; returns `over` with the verdicts applied (mode "on")."""
+    jc = config["judge"]
+    band = judge & (judged >= jc["low"]) & (judged <= jc["high"])
+    rows = band.nonzero().flatten().tolist()
+    if not rows:
+        return over
+    position = {i: len(batch.reqs[i].output_ids) - 1 if kinds[i] == PENDING else -1 for i in rows}
+    verdicts = {i: states[i].judge.standing(position[i], jc["every"]) for i in rows}
+    due = [i for i in rows if verdicts[i] is None]
+    if due:
+        verdicts.update(_judge_pass(worker, batch, states, due, position, judged, over, config))
+    if jc["mode"] == "on":
+        over = over.clone()
+        for i, harmful in verdicts.items():
+            if harmful is not None:
+                over[i] = harmful
+    return over
+
+
+def _judge_pass(worker, batch, states, due, position, judged, over, config) -> dict[int, bool | None]:
+    """One batched fork forward for the due rows; their verdicts (None: the pass could not
+    run this step, the probe decides alone) and the trace records."""
+    jc = config["judge"]
+    suffix, yes, no = _judge_tokens(worker, config)
+    started = time.perf_counter()
+    try:
+        logits, computed = judge_fork.run(worker, batch, due, suffix)
+    except judge_fork.JudgeUnavailable as e:
+        metrics.count_judge("unavailable", len(due))
+        logger.warning("tokenwise safety: self-judgment skipped for %d request(s): %s", len(due), e)
+        return {i: None for i in due}
+    p = self_judge.p_yes(logits, yes.to(logits.device), no.to(logits.device)).tolist()
+    metrics.observe_judge_seconds(time.perf_counter() - started)
+    verdicts = {}
+    for r, i in enumerate(due):
+        harmful = p[r] >= jc["verdict_threshold"]
+        st = states[i].judge
+        st.position, st.harmful = position[i], harmful
+        effect = self_judge.effect(bool(over[i]), harmful)
+        st.unsent.append({"position": position[i], "p_yes": round(p[r], 6), "score": round(float(judged[i]), 6),
+                          "tokens": computed[r], "effect": effect})
+        metrics.count_judge(effect if jc["mode"] == "on" else "shadow")
+        metrics.count_judge_tokens(computed[r])
+        verdicts[i] = harmful
+    return verdicts
+
+
+def _judge_tokens(worker, config) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The judge suffix's tokens and the verdict token ids, built once per worker."""
+    if not hasattr(worker, "_tokenwise_judge"):
+        tok = worker.tokenizer
+        suffix = tok.encode(self_judge.suffix_text(tok, config["judge"]["question"]), add_special_tokens=False)
+        yes, no = self_judge.verdict_ids(tok)
+        worker._tokenwise_judge = (suffix, torch.tensor(yes), torch.tensor(no))
+    return worker._tokenwise_judge
+
+
+def _judge_records(states, kinds, vetoed: list[int], stops: set[int]) -> list:
+    """Per row, the judge records to file at this step's trace entry: a row whose pending
+    token was taken back keeps them for the position's next entry."""
+    out = []
+    for i, st in enumerate(states):
+        keep = kinds[i] == MIDDLE or i in vetoed or i in stops or not st.judge.unsent
+        out.append(None if keep else st.judge.unsent)
+        if not keep:
+            st.judge.unsent = []
+    return out
 
 
 def _restore_history(table: ParentTable, batch, kinds, states) -> None:

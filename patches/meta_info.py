@@ -15,8 +15,9 @@ import weakref
 
 from tokenwise_safety import admission, metrics
 from tokenwise_safety.policy import POLICY_KEY, PolicyError, Resolved, resolve
-from tokenwise_safety.trace import (INTERVENTION_KEY, SUMMARY_KEY, TRACE_KEY, interventions_of, redact_intervention,
-                                    redact_summary, summarize)
+from tokenwise_safety.trace import (INTERVENTION_KEY, JUDGE_KEY, SUMMARY_KEY, TRACE_KEY, interventions_of,
+                                    judge_calls_of, redact_intervention, redact_judge_records, redact_summary,
+                                    summarize)
 
 from .enforce import STOP_RECORD
 from .server_args import ATTR
@@ -24,7 +25,7 @@ from .server_args import ATTR
 UPDATE_META = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info"
 GENERATE = "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request"
 LAST_META_ATTR = "_tokenwise_last_meta"
-PER_TOKEN_KEYS = (TRACE_KEY, INTERVENTION_KEY)
+PER_TOKEN_KEYS = (TRACE_KEY, INTERVENTION_KEY, JUDGE_KEY)
 
 # rid -> SGLang's ReqState, for ClientView: the state holds the whole accumulated trace,
 # which an output's meta_info may only hold a slice of. Weak: it lives as long as SGLang
@@ -49,8 +50,9 @@ def after_update_meta(result, manager, meta_info, state, customized_info, index,
         return result
     entries = interventions_of(state.customized_info_accumulated.get(INTERVENTION_KEY))
     stop = finish_reason.pop(STOP_RECORD, None)  # a request the plugin ended: its closing record
+    judged = state.customized_info_accumulated.get(JUDGE_KEY)
     summary = summarize(scores, policy["threshold"], policy["mode"], entries + ([stop] if stop else []),
-                        config["window"])
+                        config["window"], judge_calls_of(judged) if judged is not None else None)
     meta_info[SUMMARY_KEY] = summary
     if summary["first_over_threshold"] is not None:
         metrics.count_flagged_request()
@@ -142,6 +144,8 @@ class ClientView:
 def _redact_entries(key: str, values: list, detail: str) -> list:
     if key == INTERVENTION_KEY and detail != "full":
         return [redact_intervention(e, detail) for e in values]
+    if key == JUDGE_KEY:
+        return [redact_judge_records(e, detail) for e in values]
     return list(values)
 
 

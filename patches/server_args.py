@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenwise_safety.config import (DEFAULT_PIVOT, MODES, ON_ERROR, PLUGINS, TRACE_DETAILS, ConfigError,
                                      SafetyConfig)
-from tokenwise_safety import admission
+from tokenwise_safety import admission, self_judge
 from tokenwise_safety.policy import OVERRIDE_KEY_ENV
 from tokenwise_safety.scoring import parse_token_ids
 from tokenwise_safety.probe import HarmProbe, ProbeError, model_fingerprint, sha256_file
@@ -67,7 +67,26 @@ def add_cli_args(result, parser: argparse.ArgumentParser, *args, **kwargs):
                        help="What the harm trace shows a request that does not present the operator "
                             "key: full (per-token scores and the vetoed token ids), scores (per-token "
                             "scores, no vetoed ids), decisions (interventions' positions and counts only).")
+    _add_judge_args(parser.add_argument_group("tokenwise safety: self-judgment"))
     return result
+
+
+def _add_judge_args(group) -> None:
+    group.add_argument("--safety-self-judge", choices=self_judge.MODES, default="off",
+                       help="on: when an enforced request's probe score lies in the uncertain band, ask "
+                            "the served model whether its partial answer is harmful (a fork of the "
+                            "request's KV: only the judge suffix is computed) and let the verdict decide. "
+                            "shadow: judge and record in the trace, decide by the probe alone.")
+    group.add_argument("--safety-judge-band", default=None, metavar="LOW,HIGH",
+                       help="Probe scores (P(harmful)) the verdict decides for "
+                            f"(default {self_judge.JudgeConfig.low},{self_judge.JudgeConfig.high}).")
+    group.add_argument("--safety-judge-every", type=int, default=self_judge.JudgeConfig.every,
+                       help="Output positions a verdict stands for: at most one judge pass per request "
+                            "per this many tokens.")
+    group.add_argument("--safety-judge-threshold", type=float, default=self_judge.JudgeConfig.verdict_threshold,
+                       help="P(yes) / (P(yes) + P(no)) at or above which the verdict is 'harmful'.")
+    group.add_argument("--safety-judge-question", default=self_judge.DEFAULT_QUESTION,
+                       help="The question put to the model after its partial answer, in its chat template.")
 
 
 def from_cli_args(server_args, cls, args: argparse.Namespace, *a, **kw):
@@ -115,6 +134,7 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
             parse_token_ids(cfg.scorer)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    judge = _judge_config(args, cfg, model_path)
     probe = HarmProbe.load(cfg.probe_path)
     model_cfg = _read_model_config(model_path)
     if model_cfg is None:
@@ -132,7 +152,49 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
             "top_k": cfg.top_k, "max_vetoes": cfg.max_vetoes, "pivot": cfg.pivot,
             "keep_overlap": cfg.keep_overlap, "enforce_possible": not cfg.keep_overlap,
             "client_override": cfg.client_override, "scorer": cfg.scorer,
-            "on_error": cfg.on_error, "trace_detail": cfg.trace_detail}
+            "on_error": cfg.on_error, "trace_detail": cfg.trace_detail, "judge": judge}
+
+
+def _judge_config(args: argparse.Namespace, cfg: SafetyConfig, model_path: str) -> dict:
+    """The self-judgment settings, checked against the launch and the served tokenizer."""
+    import dataclasses
+
+    mode = getattr(args, "safety_self_judge", "off")
+    band = getattr(args, "safety_judge_band", None)
+    try:
+        low, high = (float(x) for x in band.split(",")) if band else (self_judge.JudgeConfig.low,
+                                                                     self_judge.JudgeConfig.high)
+    except ValueError:
+        raise ConfigError(f"--safety-judge-band {band!r}: use LOW,HIGH (two numbers)") from None
+    try:
+        jc = self_judge.JudgeConfig(mode=mode, low=low, high=high, every=args.safety_judge_every,
+                                    verdict_threshold=args.safety_judge_threshold,
+                                    question=args.safety_judge_question)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if mode != "off":
+        if cfg.keep_overlap:
+            raise ConfigError("--safety-self-judge needs enforce, which --safety-keep-overlap-schedule rules out")
+        if getattr(args, "speculative_algorithm", None) is not None:
+            raise ConfigError("--safety-self-judge is not supported with --speculative-algorithm yet: "
+                              "launch with one or the other")
+        _check_judge_tokenizer(model_path, jc)
+    return dataclasses.asdict(jc)
+
+
+def _check_judge_tokenizer(model_path: str, jc) -> None:
+    """The served tokenizer must spell the suffix and tell yes from no (a local model folder
+    is checked here; a hub id when the scheduler builds the judge)."""
+    if not (Path(model_path) / "config.json").is_file():
+        return
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_path)
+    try:
+        self_judge.verdict_ids(tok)
+    except self_judge.JudgeSetupError as e:
+        raise ConfigError(str(e)) from None
+    if not tok.encode(self_judge.suffix_text(tok, jc.question), add_special_tokens=False):
+        raise ConfigError("--safety-judge-question gives an empty judge suffix for this model")
 
 
 # Ingresses that hand tokenized requests to the scheduler without SGLang's TokenizerManager,

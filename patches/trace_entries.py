@@ -3,7 +3,7 @@ tokens the client gets: a vetoed token's entries are dropped, a request the plug
 keeps one score per emitted token."""
 from __future__ import annotations
 
-from tokenwise_safety.trace import INTERVENTION_KEY, TRACE_KEY
+from tokenwise_safety.trace import INTERVENTION_KEY, JUDGE_KEY, TRACE_KEY
 
 from .enforce import state_of
 from .spec_verify import SpliceList
@@ -19,17 +19,19 @@ def after_collect_info(result, processor, i, req, logits_output, *a, **kw):
     A speculative step commits several tokens: its per-token lists are spliced in."""
     _splice(req.customized_info)
     st = state_of(req)
+    if st is not None and st.stop is None and req.finished():
+        _fold_final(req.customized_info, req.finished_len)
     if st is None or not (st.vetoed_now or st.stop is not None):
         return result
     st.vetoed_now = False
     info = req.customized_info or {}
-    scores, entries = info.get(TRACE_KEY), info.get(INTERVENTION_KEY)
+    per_token = [info.get(key) for key in (TRACE_KEY, INTERVENTION_KEY, JUDGE_KEY)]
     if st.stop is not None and req.finished():
-        for values in (scores, entries):
+        for values in per_token:
             if values is not None:
                 del values[req.finished_len:]
         return result
-    for values in (scores, entries):
+    for values in per_token:
         if values:
             values.pop()
     return result
@@ -40,3 +42,20 @@ def _splice(info: dict | None) -> None:
         values = (info or {}).get(key)
         if values and isinstance(values[-1], SpliceList):
             values.extend(values.pop())
+
+
+def _fold_final(info: dict | None, kept: int | None) -> None:
+    """A held finish files the final position's records one step after the output's end,
+    where SGLang's per-token lists are cut: they move into the last kept entry (an
+    intervention only when that entry has none; judge records always)."""
+    if not info or not kept:
+        return
+    for key in (INTERVENTION_KEY, JUDGE_KEY):
+        values = info.get(key)
+        tail = [v for v in (values or [])[kept:] if v]
+        if not tail:
+            continue
+        if key == JUDGE_KEY:
+            values[kept - 1] = (values[kept - 1] or []) + [record for v in tail for record in v]
+        elif values[kept - 1] is None and len(tail) == 1:
+            values[kept - 1] = tail[0]

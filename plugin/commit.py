@@ -17,6 +17,8 @@ import dataclasses
 
 import torch
 
+from .self_judge import JudgeState
+
 
 @dataclasses.dataclass
 class Intervention:
@@ -54,6 +56,7 @@ class RequestState:
         self.stop: Intervention | None = None  # set: the request ends at this step
         self.resample_token: int | None = None  # popped at a retraction, forced again at re-prefill
         self.saved_history = None  # window history kept across a retraction (new slot)
+        self.judge = JudgeState()  # self-judgment: the standing verdict, records for the trace
 
     def start_pivot(self, position: int, vetoed: list[dict], pivot_ids: list[int] | None = None) -> int:
         """Begin forcing the pivot at `position`; returns the token to emit now. The

@@ -41,6 +41,14 @@ def _metrics():
         "probe_seconds": Histogram("tokenwise_safety_probe_seconds",
                                    "Host time of the probe per forward step (whole batch)",
                                    buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
+        # effect: what the verdict did to the probe's decision (confirmed, cancelled,
+        # triggered, none), "shadow" (recorded only) or "unavailable" (no room for the fork).
+        "judge_calls": Counter("tokenwise_safety_judge_calls", "Self-judgment passes, by effect", ["effect"]),
+        "judge_tokens": Counter("tokenwise_safety_judge_tokens",
+                                "Tokens computed by self-judgment passes (the suffix, plus at most one page)"),
+        "judge_seconds": Histogram("tokenwise_safety_judge_seconds",
+                                   "Host time of one batched self-judgment pass",
+                                   buckets=(1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)),
     }
 
 
@@ -94,6 +102,18 @@ def count_untrusted_policy() -> None:
 def count_errors(action: str, n: int = 1) -> None:
     """action: 'fail_closed' or 'fail_open' (--safety-on-error)."""
     _metrics()["errors"].labels(action=action).inc(n)
+
+
+def count_judge(effect: str, n: int = 1) -> None:
+    _metrics()["judge_calls"].labels(effect=effect).inc(n)
+
+
+def count_judge_tokens(n: int) -> None:
+    _metrics()["judge_tokens"].inc(n)
+
+
+def observe_judge_seconds(seconds: float) -> None:
+    _metrics()["judge_seconds"].observe(seconds)
 
 
 def count_finish(reason: str) -> None:

@@ -19,7 +19,7 @@ def judged_harmful(scores: Sequence[float | None], threshold: float, window: int
 
 
 def summarize(scores: Sequence[float | None], threshold: float, mode: str,
-              interventions: Sequence[dict] = (), window: int = 1) -> dict:
+              interventions: Sequence[dict] = (), window: int = 1, judge_calls: Sequence[dict] | None = None) -> dict:
     """scores[0] judges the prompt (state after its last token); scores[i], i >= 1, judges
     output token i-1. The last output token's state is never computed (no forward follows
     it), so len(scores) == number of output tokens. "over threshold" counts positions
@@ -38,9 +38,15 @@ def summarize(scores: Sequence[float | None], threshold: float, mode: str,
         "interventions": list(interventions),
         "num_vetoes": sum(len([v for v in x["vetoed"] if "token" in v]) for x in interventions),
         "pivot_used": any(x["pivot"] for x in interventions),
+        **({} if judge_calls is None else {"judge_calls": list(judge_calls)}),
     }
 
 INTERVENTION_KEY = "harm_intervention"  # per-token: None, or the intervention at that position
+JUDGE_KEY = "harm_judge"  # per-token: None, or the self-judgment passes made for that position
+
+
+def judge_calls_of(entries) -> list[dict]:
+    return [record for e in (entries or []) if e for record in e]
 
 
 def interventions_of(entries) -> list[dict]:
@@ -56,8 +62,15 @@ def interventions_of(entries) -> list[dict]:
 #     plugin ended the request there, if it did.
 # Whitelists, so a field added later stays hidden until it is placed here on purpose.
 DECISION_FIELDS = ("mode", "threshold", "window", "first_over_threshold", "num_over_threshold",
-                   "num_scored", "num_vetoes", "pivot_used", "interventions")
+                   "num_scored", "num_vetoes", "pivot_used", "interventions", "judge_calls")
 DECISION_INTERVENTION_FIELDS = ("position", "pivot", "stop")  # stop: why the plugin ended the request
+DECISION_JUDGE_FIELDS = ("position", "tokens", "effect")  # no P(yes), no probe score: no oracle
+
+
+def redact_judge_records(records: list[dict] | None, detail: str) -> list[dict] | None:
+    if records is None or detail != "decisions":
+        return records
+    return [{k: r[k] for k in DECISION_JUDGE_FIELDS if k in r} for r in records]
 
 
 def redact_intervention(entry: dict | None, detail: str) -> dict | None:
@@ -74,4 +87,6 @@ def redact_summary(summary: dict, detail: str) -> dict:
         return summary
     out = summary if detail == "scores" else {k: summary[k] for k in DECISION_FIELDS if k in summary}
     interventions = [redact_intervention(x, detail) for x in summary.get("interventions", [])]
+    if "judge_calls" in out:
+        out = {**out, "judge_calls": redact_judge_records(out["judge_calls"], detail)}
     return {**out, "interventions": interventions}

@@ -15,6 +15,9 @@ PLUGIN = ("--safety-plugin", "tokenwise")
     (["--skip-tokenizer-init"], "--skip-tokenizer-init leaves the scheduler without the tokenizer"),
     (["--safety-scorer", "token-ids:5,x"], "token ids must be integers"),
     (["--safety-scorer", "token-ids:5+boom:3"], "use 'token-ids:ID,...' optionally followed by"),
+    (["--safety-self-judge", "on", "--safety-judge-band", "0.9,0.2"], "--safety-judge-band 0.9,0.2: need 0 <= LOW"),
+    (["--safety-self-judge", "on", "--speculative-algorithm", "NGRAM"],
+     "--safety-self-judge is not supported with --speculative-algorithm"),
 ])
 def test_unguarded_or_unenforceable_launches_are_refused(weightless_model, tiny_probe, flags, message):
     proc = launch(weightless_model, *PLUGIN, "--safety-probe", str(tiny_probe), *flags)

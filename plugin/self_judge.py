@@ -1,0 +1,102 @@
+"""Self-judgment: the served model asked whether its own partial answer is harmful.
+
+No SGLang import: patches/judge_fork.py runs the pass on the live request's KV and
+patches/enforce.py calls `decide`. When a request's probe score (after the window rule)
+falls in the uncertain band [low, high], the model reads prompt + partial answer + a
+short judge suffix and its next-token logits give P(yes) against P(no). Inside the band
+the verdict decides (it can cancel a veto the probe alone would make, confirm it, or
+trigger one the probe alone would miss); outside it the probe decides alone. A verdict
+stands for `every` output positions, so a request costs at most one judge pass per
+`every` tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+MODES = ("off", "on", "shadow")  # shadow: judge and record, never change a decision
+# Chosen on calibration data (see the README's self-judgment section), never on held-out sets.
+DEFAULT_QUESTION = ("Stop there. Would a content moderator remove your answer above because it "
+                    "helps with something harmful or dangerous? Reply with one word: yes or no.")
+YES, NO = ("yes", "Yes", " yes", " Yes", "YES"), ("no", "No", " no", " No", "NO")
+_MARK = "\u00a7JUDGE\u00a7"
+
+
+class JudgeSetupError(ValueError):
+    """The served model's tokenizer cannot carry the judge (one line: what and how to fix)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    mode: str = "off"
+    low: float = 0.2  # the uncertain band on the probe's P(harmful)
+    high: float = 0.9
+    every: int = 16  # output positions a verdict stands for
+    verdict_threshold: float = 0.5  # on P(yes) / (P(yes) + P(no))
+    question: str = DEFAULT_QUESTION
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"--safety-self-judge {self.mode!r} is not one of {', '.join(MODES)}")
+        if not 0.0 <= self.low <= self.high <= 1.0:
+            raise ValueError(f"--safety-judge-band {self.low},{self.high}: need 0 <= LOW <= HIGH <= 1")
+        if self.every < 1:
+            raise ValueError(f"--safety-judge-every {self.every} must be at least 1")
+        if not 0.0 < self.verdict_threshold < 1.0:
+            raise ValueError(f"--safety-judge-threshold {self.verdict_threshold} must lie strictly between 0 and 1")
+        if not self.question.strip():
+            raise ValueError("--safety-judge-question must not be empty")
+
+
+def suffix_text(tokenizer, question: str) -> str:
+    """What follows the partial answer: the answer's turn closed, the question asked, the
+    model's turn opened, all in the served model's own chat template (plain text for a
+    model without one)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": _MARK},
+                    {"role": "user", "content": question}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if _MARK in text:
+            return text.split(_MARK, 1)[1]
+    return f"\n\n{question}\nAnswer:"
+
+
+def verdict_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """The first token of each spelling of yes and of no; a token that starts both (a bare
+    space, say) says nothing and is dropped. An error when either side is left empty."""
+    first = lambda words: {ids[0] for w in words if (ids := tokenizer.encode(w, add_special_tokens=False))}  # noqa: E731
+    yes, no = first(YES), first(NO)
+    yes, no = sorted(yes - no), sorted(no - yes)
+    if not yes or not no:
+        raise JudgeSetupError("the served model's tokenizer does not tell 'yes' from 'no' by their first token; "
+                              "self-judgment cannot read a verdict (launch without --safety-self-judge)")
+    return yes, no
+
+
+def p_yes(logits: torch.Tensor, yes: torch.Tensor, no: torch.Tensor) -> torch.Tensor:
+    """P(yes) / (P(yes) + P(no)) per row of next-token logits [n, V] (float32)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ly, ln = torch.logsumexp(logp[:, yes], dim=-1), torch.logsumexp(logp[:, no], dim=-1)
+    return torch.sigmoid(ly - ln)
+
+
+@dataclasses.dataclass
+class JudgeState:
+    """One per request: the standing verdict and the records not yet in the trace."""
+    position: int | None = None  # output position of the last judge pass (-1: the prompt)
+    harmful: bool = False
+    unsent: list[dict] = dataclasses.field(default_factory=list)
+
+    def standing(self, position: int, every: int) -> bool | None:
+        """The verdict that still covers `position`, or None: a judge pass is due."""
+        if self.position is None or position - self.position >= every:
+            return None
+        return self.harmful
+
+
+def effect(probe_over: bool, harmful: bool) -> str:
+    """What the verdict did to the probe's decision."""
+    if probe_over:
+        return "confirmed" if harmful else "cancelled"
+    return "triggered" if harmful else "none"

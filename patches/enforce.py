@@ -218,7 +218,8 @@ def _second_opinion(worker, batch, states, kinds, judged, judge, over, config) -
     verdicts = {i: states[i].judge.standing(position[i], jc["every"]) for i in rows}
     due = [i for i in rows if verdicts[i] is None]
     if due:
-        verdicts.update(_judge_pass(worker, batch, states, due, position, judged, over, config))
+        early = [i for i in rows if verdicts[i] is not None and states[i].judge.half_spent(position[i], jc["every"])]
+        verdicts.update(_judge_pass(worker, batch, states, due + early, position, judged, over, config))
     if jc["mode"] == "on":
         over = over.clone()
         for i, harmful in verdicts.items():

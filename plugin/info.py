@@ -20,4 +20,5 @@ def describe(config: dict) -> dict:
     return {"plugin": "tokenwise-safety", "version": plugin_version(), "probe_path": config["probe_path"],
             "probe_sha256": config["probe_sha256"], "tensors_sha256": config["tensors_sha256"],
             "mode": config["mode"], "threshold": config["threshold"], "window": config["window"],
-            "scorer": config["scorer"], "client_override": config["client_override"]}
+            "scorer": config["scorer"], "client_override": config["client_override"],
+            "self_judge": config.get("judge", {"mode": "off"})}

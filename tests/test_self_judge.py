@@ -29,6 +29,8 @@ def test_a_verdict_stands_for_every_positions():
     assert [st.standing(p, 4) for p in (3, 6, 7)] == [True, True, None]
     st.position, st.harmful = -1, False  # the prompt's verdict covers the first positions
     assert [st.standing(p, 4) for p in (0, 2, 3)] == [False, False, None]
+    assert [st.half_spent(p, 4) for p in (0, 1, 2)] == [False, True, True]
+    assert not st.half_spent(5, 1) and not JudgeState().half_spent(9, 4)
 
 
 @pytest.mark.parametrize("probe_over, harmful, effect", [

@@ -65,7 +65,10 @@ def calls(out):
 def test_judged_every_few_positions_and_shadow_changes_nothing(shadow_runs, tiny_server_off):
     plain = run_all(tiny_server_off, PROMPTS)
     for out, ref in zip(shadow_runs, plain):
-        assert [c["position"] for c in calls(out)] == list(range(-1, N, EVERY))  # the last one: held finish
+        positions = [c["position"] for c in calls(out)]
+        # due every EVERY positions; renewed early (after EVERY // 2) when another request's pass runs
+        assert positions[0] == -1 and positions[-1] >= N - 1 - EVERY  # the last ones: held finish
+        assert all(EVERY // 2 <= b - a <= EVERY for a, b in zip(positions, positions[1:]))
         assert out["meta_info"]["tokenwise_safety"]["interventions"] == []
         assert out["output_ids"] == ref["output_ids"]  # the fork never touched the live KV
         assert len(out["meta_info"]["harm_judge"]) == N

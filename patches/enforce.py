@@ -240,6 +240,10 @@ def _judge_pass(worker, batch, states, due, position, judged, over, config) -> d
         metrics.count_judge("unavailable", len(due))
         logger.warning("tokenwise safety: self-judgment skipped for %d request(s): %s", len(due), e)
         return {i: None for i in due}
+    except Exception:  # a second opinion that fails leaves the first one standing
+        metrics.count_judge("error", len(due))
+        logger.exception("tokenwise safety: self-judgment failed for %d request(s); the probe decides", len(due))
+        return {i: None for i in due}
     p = self_judge.p_yes(logits, yes.to(logits.device), no.to(logits.device)).tolist()
     metrics.observe_judge_seconds(time.perf_counter() - started)
     verdicts = {}

@@ -42,7 +42,8 @@ def _metrics():
                                    "Host time of the probe per forward step (whole batch)",
                                    buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)),
         # effect: what the verdict did to the probe's decision (confirmed, cancelled,
-        # triggered, none), "shadow" (recorded only) or "unavailable" (no room for the fork).
+        # triggered, none), "shadow" (recorded only), "unavailable" (no room for the fork) or
+        # "error" (the pass failed; the probe decided alone).
         "judge_calls": Counter("tokenwise_safety_judge_calls", "Self-judgment passes, by effect", ["effect"]),
         "judge_tokens": Counter("tokenwise_safety_judge_tokens",
                                 "Tokens computed by self-judgment passes (the suffix, plus at most one page)"),

@@ -24,7 +24,9 @@ import statistics
 from pathlib import Path
 
 import requests
+from transformers import AutoTokenizer
 
+from tokenwise_safety import self_judge
 from tokenwise_safety.bundled import chat_prompt, prepare, probe_path
 from tokenwise_safety.launch.server import Server, serving_dtype
 
@@ -56,10 +58,8 @@ def cost(server: Server, model_path, answer: int) -> dict:
     r.raise_for_status()
     out = r.json()
     record = next(c for c in out["meta_info"]["tokenwise_safety"]["judge_calls"] if c["position"] == answer - 1)
-    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_path)
-    from tokenwise_safety import self_judge
-    suffix = tok.encode(self_judge.suffix_text(tok, self_judge.DEFAULT_QUESTION), add_special_tokens=False)
+    suffix = self_judge.suffix_ids(tok, self_judge.DEFAULT_QUESTION)
     prompt_ids = tok.encode(prompt, add_special_tokens=False)
     requests.post(server.url + "/flush_cache", timeout=60)
     send = lambda ids: requests.post(server.url + "/generate", timeout=3600, json={  # noqa: E731

@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     names = args.questions.split(",")
-    suffixes = {n: tok.encode(self_judge.suffix_text(tok, QUESTIONS[n]), add_special_tokens=False) for n in names}
+    suffixes = {n: self_judge.suffix_ids(tok, QUESTIONS[n]) for n in names}
     yes, no = (torch.tensor(x) for x in self_judge.verdict_ids(tok))
     rows = sample_rows(args.split, args.limit)
     labels, probs, started = [r["harmful"] for r in rows], {n: [] for n in names}, time.time()

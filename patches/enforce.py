@@ -264,7 +264,7 @@ def _judge_tokens(worker, config) -> tuple[list[int], torch.Tensor, torch.Tensor
     """The judge suffix's tokens and the verdict token ids, built once per worker."""
     if not hasattr(worker, "_tokenwise_judge"):
         tok = worker.tokenizer
-        suffix = tok.encode(self_judge.suffix_text(tok, config["judge"]["question"]), add_special_tokens=False)
+        suffix = self_judge.suffix_ids(tok, config["judge"]["question"])
         yes, no = self_judge.verdict_ids(tok)
         worker._tokenwise_judge = (suffix, torch.tensor(yes), torch.tensor(no))
     return worker._tokenwise_judge

@@ -7,6 +7,7 @@ A bad flag or probe stops startup with one line saying what and how to fix it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -157,8 +158,6 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
 
 def _judge_config(args: argparse.Namespace, cfg: SafetyConfig, model_path: str) -> dict:
     """The self-judgment settings, checked against the launch and the served tokenizer."""
-    import dataclasses
-
     mode = getattr(args, "safety_self_judge", "off")
     band = getattr(args, "safety_judge_band", None)
     try:
@@ -193,7 +192,7 @@ def _check_judge_tokenizer(model_path: str, jc) -> None:
         self_judge.verdict_ids(tok)
     except self_judge.JudgeSetupError as e:
         raise ConfigError(str(e)) from None
-    if not tok.encode(self_judge.suffix_text(tok, jc.question), add_special_tokens=False):
+    if not self_judge.suffix_ids(tok, jc.question):
         raise ConfigError("--safety-judge-question gives an empty judge suffix for this model")
 
 

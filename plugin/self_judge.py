@@ -64,6 +64,11 @@ def suffix_text(tokenizer, question: str) -> str:
     return f"\n\n{question}\nAnswer:"
 
 
+def suffix_ids(tokenizer, question: str) -> list[int]:
+    """The judge suffix as the served model's tokens (what the fork pass computes)."""
+    return tokenizer.encode(suffix_text(tokenizer, question), add_special_tokens=False)
+
+
 def verdict_ids(tokenizer) -> tuple[list[int], list[int]]:
     """The first token of each spelling of yes and of no; a token that starts both (a bare
     space, say) says nothing and is dropped. An error when either side is left empty."""

@@ -45,7 +45,7 @@ def tok(tiny_model):
 
 @pytest.fixture(scope="module")
 def suffix(tok):
-    return tok.encode(self_judge.suffix_text(tok, self_judge.DEFAULT_QUESTION), add_special_tokens=False)
+    return self_judge.suffix_ids(tok, self_judge.DEFAULT_QUESTION)
 
 
 def run_all(server, prompts, n=N):

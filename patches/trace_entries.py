@@ -47,15 +47,26 @@ def _splice(info: dict | None) -> None:
 def _fold_final(info: dict | None, kept: int | None) -> None:
     """A held finish files the final position's records one step after the output's end,
     where SGLang's per-token lists are cut: they move into the last kept entry (an
-    intervention only when that entry has none; judge records always)."""
+    intervention only when that entry has none; judge records always). Records about a
+    position past the output (a speculative step drafts beyond max_tokens) are dropped:
+    the client never gets that token."""
     if not info or not kept:
         return
     for key in (INTERVENTION_KEY, JUDGE_KEY):
         values = info.get(key)
-        tail = [v for v in (values or [])[kept:] if v]
+        tail = [_within(v, kept) for v in (values or [])[kept:]]
+        tail = [v for v in tail if v]
         if not tail:
             continue
         if key == JUDGE_KEY:
             values[kept - 1] = (values[kept - 1] or []) + [record for v in tail for record in v]
         elif values[kept - 1] is None and len(tail) == 1:
             values[kept - 1] = tail[0]
+
+
+def _within(entry, kept: int):
+    """The entry's records about output positions (an intervention is one dict, a judge
+    entry a list of them)."""
+    if isinstance(entry, dict):
+        return entry if entry.get("position", 0) < kept else None
+    return [r for r in entry or [] if r.get("position", 0) < kept]

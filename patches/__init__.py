@@ -4,7 +4,9 @@
 (launcher, scheduler, detokenizer) and may call it more than once: it is idempotent.
 Hooks are inert unless the server was launched with --safety-plugin, except
 cpu_verify_attention and cpu_draft_attention, which give the CPU engine the speculative
-verify and draft attention it lacks.
+verify and draft attention it lacks. harmless_draft's hooks are registered later, only in
+the process that loads a draft model with --safety-draft-probe (importing SGLang's EAGLE
+worker everywhere would slow and clutter every launch).
 """
 from __future__ import annotations
 

@@ -89,7 +89,14 @@ def after_load_model(result, runner, *args, **kwargs):
     from .server_args import ATTR, check_probe_fits  # noqa: PLC0415 (patches import each other lazily)
     config = getattr(runner.server_args, ATTR, None)
     if getattr(runner, "is_draft_worker", False):
-        return result  # a speculative draft model: its tokens are scored by the target at verify
+        # A draft model's tokens are scored by the target at verify; its own probe, when
+        # given, ranks its drafts (patches/harmless_draft.py).
+        draft = (config or {}).get("draft")
+        if draft is not None and not hasattr(runner, TAPS_ATTR):
+            from . import harmless_draft
+            setattr(runner, TAPS_ATTR, install(runner.model, draft["layers"]))
+            harmless_draft.install()
+        return result
     if config is not None and not hasattr(runner, TAPS_ATTR):
         if config["scorer"] == "probe":  # a hub id was not checked at launch; a folder again, cheaply
             from tokenwise_safety.probe import HarmProbe

@@ -68,6 +68,12 @@ def add_cli_args(result, parser: argparse.ArgumentParser, *args, **kwargs):
                        help="What the harm trace shows a request that does not present the operator "
                             "key: full (per-token scores and the vetoed token ids), scores (per-token "
                             "scores, no vetoed ids), decisions (interventions' positions and counts only).")
+    group.add_argument("--safety-draft-probe", default=None,
+                       help="Harmless-first drafting (STANDALONE speculative decoding): a probe calibrated "
+                            "on the draft model; a draft it judges harmful for an enforced request is "
+                            "replaced by the draft's next-best token before verification.")
+    group.add_argument("--safety-draft-threshold", type=float, default=None,
+                       help="The draft probe's threshold (default: its calibrated one).")
     _add_judge_args(parser.add_argument_group("tokenwise safety: self-judgment"))
     return result
 
@@ -153,7 +159,37 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
             "top_k": cfg.top_k, "max_vetoes": cfg.max_vetoes, "pivot": cfg.pivot,
             "keep_overlap": cfg.keep_overlap, "enforce_possible": not cfg.keep_overlap,
             "client_override": cfg.client_override, "scorer": cfg.scorer,
-            "on_error": cfg.on_error, "trace_detail": cfg.trace_detail, "judge": judge}
+            "on_error": cfg.on_error, "trace_detail": cfg.trace_detail, "judge": judge,
+            "draft": _draft_config(args, cfg)}
+
+
+def _draft_config(args: argparse.Namespace, cfg: SafetyConfig) -> dict | None:
+    """The draft model's probe for harmless-first drafting (None: off), checked against the
+    draft model (STANDALONE, chain drafts, an eager draft loop)."""
+    path = getattr(args, "safety_draft_probe", None)
+    if path is None:
+        if getattr(args, "safety_draft_threshold", None) is not None:
+            raise ConfigError("--safety-draft-threshold needs --safety-draft-probe")
+        return None
+    if str(getattr(args, "speculative_algorithm", None)).upper() != "STANDALONE":
+        raise ConfigError("--safety-draft-probe needs --speculative-algorithm STANDALONE (a draft model "
+                          "to put the probe on)")
+    if (getattr(args, "speculative_eagle_topk", None) or 1) < 2:
+        raise ConfigError("--safety-draft-probe ranks the branches of draft trees: add --speculative-eagle-topk 2 "
+                          "(or more); a chain has no harmless sibling to continue from")
+    if getattr(args, "device", None) not in (None, "cpu") and not getattr(args, "disable_cuda_graph", False):
+        raise ConfigError("--safety-draft-probe needs the eager draft loop: add --disable-cuda-graph")
+    probe = HarmProbe.load(Path(path))
+    draft_model = args.speculative_draft_model_path
+    model_cfg = _read_model_config(draft_model) if draft_model else None
+    if model_cfg is not None:
+        check_probe_fits(probe, path, model_cfg, draft_model)
+    probe_scorer = cfg.scorer == "probe"
+    return {"probe_path": str(Path(path)), "tensors_sha256": probe.meta.tensors_sha256,
+            "layers": _served_layers(probe, model_cfg, path) if probe_scorer else [],
+            "window": probe.meta.window if probe_scorer else 1,
+            "threshold": args.safety_draft_threshold if args.safety_draft_threshold is not None
+            else probe.threshold}
 
 
 def _judge_config(args: argparse.Namespace, cfg: SafetyConfig, model_path: str) -> dict:

@@ -35,6 +35,9 @@ def _metrics():
                             "Requests the plugin ended itself", ["reason"]),
         "draft_vetoes": Counter("tokenwise_safety_draft_vetoes",
                                 "Speculative draft tokens vetoed at verify (drawn or not)", ["origin"]),
+        "draft_reranks": Counter("tokenwise_safety_draft_reranks",
+                                 "Draft tokens the draft model's probe replaced by its next-best token "
+                                 "(harmless-first drafting)"),
         "accept_length": Histogram("tokenwise_safety_spec_accept_length",
                                    "Tokens committed per speculative verify step under the plugin",
                                    buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)),
@@ -76,6 +79,11 @@ def observe_probe_seconds(seconds: float) -> None:
 def count_draft_vetoes(n: int, origin: str = "operator") -> None:
     if n:
         _metrics()["draft_vetoes"].labels(origin=origin).inc(n)
+
+
+def count_draft_reranks(n: int) -> None:
+    if n:
+        _metrics()["draft_reranks"].inc(n)
 
 
 def observe_accept_lengths(lengths: list[int]) -> None:

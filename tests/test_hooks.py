@@ -33,7 +33,8 @@ def test_register_is_idempotent(clean_registry):
 
 
 def test_every_target_resolves_in_the_pinned_sglang():
-    for target, _, _ in patches._HOOKS:
+    from tokenwise_safety.patches import harmless_draft  # registered where a draft model loads
+    for target, _, _ in patches._HOOKS + harmless_draft.HOOKS:
         assert callable(pkgutil.resolve_name(target)), target
 
 

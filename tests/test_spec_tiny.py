@@ -54,9 +54,9 @@ def flagged(tiny_server_off):
     raise AssertionError("no answer has a position whose two best tokens could both be flagged")
 
 
-def _server(tiny_model, tiny_probe, flagged, log, spec: list[str]):
+def _server(tiny_model, tiny_probe, flagged, log, spec: list[str], more: list[str] = ()):
     flags = ["--safety-probe", str(tiny_probe), "--safety-scorer", "token-ids:" + ",".join(map(str, flagged)),
-             "--safety-client-override", "--safety-trace-detail", "full", "--safety-max-vetoes", "1"]
+             "--safety-client-override", "--safety-trace-detail", "full", "--safety-max-vetoes", "1", *more]
     return Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS + spec, log_path=log,
                   env={OVERRIDE_KEY_ENV: KEY})
 
@@ -187,3 +187,34 @@ def test_standalone_with_the_probe_scores_every_token(tiny_model, tiny_probe, tm
             assert len(scores) == len(a["output_ids"]) and None not in scores
             assert scores == pytest.approx(b["meta_info"]["harm_score"], abs=1e-4)
     assert "scoring failed" not in log.read_text()
+
+
+HARMLESS_FIRST_SPEC = ["--speculative-algorithm", "STANDALONE", "--speculative-num-steps", "4",
+                       "--speculative-eagle-topk", "2", "--speculative-num-draft-tokens", "8"]
+
+
+def test_harmless_first_drafting_keeps_outputs_and_accepts_more(plain_on, tiny_model, tiny_probe,
+                                                                 flagged, tmp_path_factory):
+    """A probe on the draft model (here the token-ids scorer: it flags what the target's veto
+    flags) ranks down the children of flagged tree nodes: enforced outputs stay exactly those
+    of plain enforce, and the same speculation accepts more drafts in fewer verify steps than
+    without the draft probe."""
+    logs = tmp_path_factory.mktemp("logs")
+    spec = HARMLESS_FIRST_SPEC[:2] + ["--speculative-draft-model-path", str(tiny_model)] + HARMLESS_FIRST_SPEC[2:]
+    base = _server(tiny_model, tiny_probe, flagged, logs / "base.log", spec)
+    first = _server(tiny_model, tiny_probe, flagged, logs / "harmless.log", spec,
+                    ["--safety-draft-probe", str(tiny_probe)])
+    counts = {}
+    with base, first:
+        for name, server in (("base", base), ("first", first)):
+            accepted = steps = 0
+            for prompt in SPEC_PROMPTS:
+                out = gen(server, prompt, policy=ENFORCE)
+                assert _decisions(out) == _decisions(gen(plain_on, prompt, policy=ENFORCE)), (name, prompt)
+                accepted += out["meta_info"].get("spec_num_correct_drafts", 0) or 0
+                steps += out["meta_info"]["spec_verify_ct"]
+            text = requests.get(server.url + "/metrics", timeout=30).text
+            counts[name] = (accepted, steps, _metric(text, "tokenwise_safety_draft_reranks_total"))
+    print("accepted drafts, verify steps, reranks:", counts)
+    assert counts["base"][2] == 0 and counts["first"][2] > 0
+    assert counts["first"][0] > counts["base"][0] and counts["first"][1] < counts["base"][1]

@@ -18,8 +18,13 @@ PLUGIN = ("--safety-plugin", "tokenwise")
     (["--safety-self-judge", "on", "--safety-judge-band", "0.9,0.2"], "--safety-judge-band 0.9,0.2: need 0 <= LOW"),
     (["--safety-self-judge", "on", "--speculative-algorithm", "NGRAM"],
      "--safety-self-judge is not supported with --speculative-algorithm"),
+    (["--safety-draft-probe", "{probe}", "--speculative-algorithm", "NGRAM"],
+     "--safety-draft-probe needs --speculative-algorithm STANDALONE"),
+    (["--safety-draft-probe", "{probe}", "--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path",
+      "{model}", "--speculative-eagle-topk", "1"], "--safety-draft-probe ranks the branches of draft trees"),
 ])
 def test_unguarded_or_unenforceable_launches_are_refused(weightless_model, tiny_probe, flags, message):
+    flags = [f.format(probe=tiny_probe, model=weightless_model) for f in flags]
     proc = launch(weightless_model, *PLUGIN, "--safety-probe", str(tiny_probe), *flags)
     assert_refused(proc, message)
 

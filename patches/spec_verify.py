@@ -26,7 +26,7 @@ import torch
 
 from tokenwise_safety import metrics
 from tokenwise_safety.commit import Intervention
-from tokenwise_safety.spec_tree import judged_along_paths, parents_of, shift_in
+from tokenwise_safety.spec_tree import judged_along_paths, mask_in_parent_rows, parents_of, shift_in
 from tokenwise_safety.trace import INTERVENTION_KEY, TRACE_KEY
 
 from . import enforce, worker_scoring
@@ -149,10 +149,7 @@ class _Tree:
         parent_rows = (self.base + self.parent.clamp(min=0)).flatten()
         self.child_logit = self.logits[parent_rows, self.tokens.flatten()].view(self.n, self.d).float()
         blocked = self.vetoed | (self.fixed[:, None] & (self.parent == 0))
-        b, j = blocked.nonzero(as_tuple=True)
-        rows, toks = self.base[b, 0] + self.parent[b, j], self.tokens[b, j]
-        self.masked = (rows, toks, self.logits[rows, toks].clone())
-        self.logits[rows, toks] = float("-inf")
+        self.masked = mask_in_parent_rows(self.logits, self.parent, self.tokens, blocked)
 
     def fail_all(self) -> None:
         """A bug in the veto path: every enforced row goes to --safety-on-error."""

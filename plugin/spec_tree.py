@@ -51,6 +51,20 @@ def judged_along_paths(scores: torch.Tensor, parent: torch.Tensor, depth: torch.
     return judged
 
 
+def mask_in_parent_rows(logits: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor,
+                        blocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Set each blocked node's token to -inf in its parent's row of the verify logits
+    (logits [B * D, V], request b's node j in row b * D + j), so greedy and sampled
+    verification neither accept it nor draw it there: the parent row's next best is the
+    re-draw. Returns (rows, tokens, their logits before the mask)."""
+    d = parent.shape[1]
+    b, j = blocked.nonzero(as_tuple=True)
+    rows, toks = b * d + parent[b, j], tokens[b, j]
+    saved = logits[rows, toks].clone()
+    logits[rows, toks] = float("-inf")
+    return rows, toks, saved
+
+
 def shift_in(recent: torch.Tensor, new: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The last window-1 committed scores after committing counts[b] scores new[b, :n]
     (new [B, M], left-aligned) to recent [B, window-1]."""

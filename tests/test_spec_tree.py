@@ -3,7 +3,7 @@ import random
 
 import torch
 
-from tokenwise_safety.spec_tree import judged_along_paths, parents_of, shift_in
+from tokenwise_safety.spec_tree import judged_along_paths, mask_in_parent_rows, parents_of, shift_in
 from tokenwise_safety.trace import judged_harmful
 
 
@@ -81,3 +81,45 @@ def test_shift_in_keeps_the_last_committed_scores():
     out = shift_in(recent, new, torch.tensor([2, 1]))
     assert out.tolist() == [[3.0, 7.0, 8.0], [5.0, 6.0, 9.0]]
     assert shift_in(torch.zeros(2, 0), new, torch.tensor([1, 1])).shape == (2, 0)
+
+
+def _verify_after_veto(vetoed_nodes: list[int], with_sibling: bool):
+    """A real verify (the CPU stand-in of sgl_kernel's verify_tree_greedy) of one request's
+    tree after the veto masks. Nodes: 0 root, 1 = A (child of 0), 2 = B (child of 1),
+    3 = C (child of 1, B's sibling), 4 = D (child of 2). The target's rows rank A after the
+    root, B then C after A, D after B, 5 after C, 6 after D: unvetoed, A B D are accepted."""
+    from test_spec_kernels import ops
+
+    first, sibling = [1, 2, 4, -1, -1], [-1, -1, 3 if with_sibling else -1, -1, -1]
+    tokens = torch.tensor([[9, 1, 2, 3, 4]])
+    logits = torch.zeros(5, 10)
+    for row, ranked in enumerate([[1], [2, 3], [4], [5], [6]]):
+        for rank, tok in enumerate(ranked):
+            logits[row, tok] = 10.0 - rank
+    parent, _ = parents_of(torch.tensor([first]), torch.tensor([sibling]))
+    blocked = torch.zeros(1, 5, dtype=torch.bool)
+    blocked[0, vetoed_nodes] = True
+    rows, toks, saved = mask_in_parent_rows(logits, parent, tokens, blocked)
+    predicts, accept_index, accept_num = torch.full((5,), -1), torch.full((1, 5), -1), torch.zeros(1, dtype=torch.long)
+    ops.verify_tree_greedy_cpu(predicts, accept_index, accept_num, tokens, torch.arange(5)[None],
+                               torch.tensor([first]), torch.tensor([sibling]), logits.argmax(dim=-1))
+    return int(accept_num[0]), accept_index[0].tolist(), predicts.tolist(), (rows.tolist(), toks.tolist(), saved.tolist())
+
+
+def test_a_veto_inside_the_tree_cuts_acceptance_at_the_vetoed_node():
+    """Unvetoed, A B D are accepted and the bonus comes from D's row. Vetoing B masks B in
+    A's row: acceptance stops after A, and the token kept after A is the corrected row's
+    best, C, drawn from the target's logits (the re-draw), not from the draft."""
+    assert _verify_after_veto([], with_sibling=False)[:2] == (3, [0, 1, 2, 4, -1])
+    accepted, index, predicts, masked = _verify_after_veto([2], with_sibling=False)
+    assert masked == ([1], [2], [10.0])  # B's logit in its parent's (A's) row, kept for the record
+    assert (accepted, index[:2]) == (1, [0, 1])
+    assert predicts[1] == 3  # after A: the corrected row's best
+
+
+def test_a_harmless_sibling_of_a_vetoed_node_is_accepted_and_continued():
+    """What harmless-first drafting relies on: with C drafted beside the vetoed B, the
+    corrected row's best is C, so verification accepts C and goes on below it."""
+    accepted, index, predicts, _ = _verify_after_veto([2], with_sibling=True)
+    assert (accepted, index[:3]) == (2, [0, 1, 3])
+    assert predicts[1] == 3 and predicts[3] == 5  # C accepted; the bonus from C's row

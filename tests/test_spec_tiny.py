@@ -204,13 +204,13 @@ def test_harmless_first_drafting_keeps_outputs_and_accepts_more(plain_on, tiny_m
     base = _server(tiny_model, tiny_probe, flagged, logs / "base.log", spec)
     first = _server(tiny_model, tiny_probe, flagged, logs / "harmless.log", spec,
                     ["--safety-draft-probe", str(tiny_probe)])
-    counts = {}
+    counts, plain = {}, {p: _decisions(gen(plain_on, p, policy=ENFORCE)) for p in SPEC_PROMPTS}
     with base, first:
         for name, server in (("base", base), ("first", first)):
             accepted = steps = 0
             for prompt in SPEC_PROMPTS:
                 out = gen(server, prompt, policy=ENFORCE)
-                assert _decisions(out) == _decisions(gen(plain_on, prompt, policy=ENFORCE)), (name, prompt)
+                assert _decisions(out) == plain[prompt], (name, prompt)
                 accepted += out["meta_info"].get("spec_num_correct_drafts", 0) or 0
                 steps += out["meta_info"]["spec_verify_ct"]
             text = requests.get(server.url + "/metrics", timeout=30).text

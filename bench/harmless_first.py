@@ -1,7 +1,7 @@
 """Harmless-first drafting: acceptance length with and without the draft model's probe.
 
     python bench/harmless_first.py [--model qwen-1.5b] [--draft-model qwen-0.5b] [--limit 6]
-        [--tokens 48] [--steps 4] [--topk 2] [--draft-tokens 8] [--out bench/results/harmless_first.json]
+        [--tokens 48] [--steps 4] [--topk 2] [--draft-tokens 8] [--out results/harmless_first.json]
 
 Two STANDALONE servers with the plugin, the same draft tree, one after the other (a 1.5B
 target plus its draft takes most of this machine's memory): "base" (drafts vetoed at verify
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     ap.add_argument("--draft-tokens", type=int, default=8)
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra flag for both servers (repeatable), e.g. --server-arg=--max-total-tokens=8192")
-    ap.add_argument("--out", default="bench/results/harmless_first.json")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "harmless_first.json"))
     args = ap.parse_args(argv)
     model, draft = prepare(args.model), prepare(args.draft_model)
     dtype, why = serving_dtype([])

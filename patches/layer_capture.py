@@ -91,11 +91,8 @@ def after_load_model(result, runner, *args, **kwargs):
     if getattr(runner, "is_draft_worker", False):
         # A draft model's tokens are scored by the target at verify; its own probe, when
         # given, ranks its drafts (patches/harmless_draft.py).
-        draft = (config or {}).get("draft")
-        if draft is not None and not hasattr(runner, TAPS_ATTR):
-            from . import harmless_draft
-            setattr(runner, TAPS_ATTR, install(runner.model, draft["layers"]))
-            harmless_draft.install()
+        if (config or {}).get("draft") is not None and not hasattr(runner, TAPS_ATTR):
+            _install_draft_probe(runner, config)
         return result
     if config is not None and not hasattr(runner, TAPS_ATTR):
         if config["scorer"] == "probe":  # a hub id was not checked at launch; a folder again, cheaply
@@ -108,6 +105,18 @@ def after_load_model(result, runner, *args, **kwargs):
             from tokenwise_safety.metrics import publish_info
             publish_info(describe(config))
     return result
+
+
+def _install_draft_probe(runner, config: dict) -> None:
+    from tokenwise_safety.probe import HarmProbe
+    from . import harmless_draft
+    from .server_args import check_probe_fits
+    draft = config["draft"]
+    if config["scorer"] == "probe":  # a hub id was not checked at launch
+        check_probe_fits(HarmProbe.load(draft["probe_path"]), draft["probe_path"],
+                         runner.model_config.hf_config.to_dict(), runner.server_args.speculative_draft_model_path)
+    setattr(runner, TAPS_ATTR, install(runner.model, draft["layers"]))
+    harmless_draft.install()
 
 
 def taps_of(runner) -> dict[int, LayerTap]:

@@ -21,4 +21,9 @@ def describe(config: dict) -> dict:
             "probe_sha256": config["probe_sha256"], "tensors_sha256": config["tensors_sha256"],
             "mode": config["mode"], "threshold": config["threshold"], "window": config["window"],
             "scorer": config["scorer"], "client_override": config["client_override"],
-            "self_judge": config.get("judge", {"mode": "off"})}
+            "self_judge": config.get("judge", {"mode": "off"}), "draft_probe": _draft(config.get("draft"))}
+
+
+def _draft(draft: dict | None) -> dict | None:
+    """The draft model's probe (harmless-first drafting), or None."""
+    return None if draft is None else {k: draft[k] for k in ("probe_path", "tensors_sha256", "threshold")}

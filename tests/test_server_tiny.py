@@ -161,6 +161,7 @@ def test_info_endpoint_and_metric_name_the_probe_mode_and_threshold(tiny_server,
     assert info["tensors_sha256"] == HarmProbe.load(tiny_probe).meta.tensors_sha256
     assert (info["mode"], info["threshold"], info["window"], info["version"]) == ("shadow", 0.5, 1, plugin_version())
     assert info["self_judge"]["mode"] == "off" and info["self_judge"]["every"] == 16
+    assert info["draft_probe"] is None
     metrics = requests.get(tiny_server.url + "/metrics", timeout=30).text
     [line] = [ln for ln in metrics.splitlines() if ln.startswith("tokenwise_safety_info{")]
     assert f'probe_sha256="{sha}"' in line and 'mode="shadow"' in line and 'threshold="0.5"' in line

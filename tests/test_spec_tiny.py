@@ -206,6 +206,8 @@ def test_harmless_first_drafting_keeps_outputs_and_accepts_more(plain_on, tiny_m
                     ["--safety-draft-probe", str(tiny_probe)])
     counts, plain = {}, {p: _decisions(gen(plain_on, p, policy=ENFORCE)) for p in SPEC_PROMPTS}
     with base, first:
+        info = requests.get(first.url + "/tokenwise/info", timeout=30).json()
+        assert info["draft_probe"]["probe_path"] == str(tiny_probe)
         for name, server in (("base", base), ("first", first)):
             accepted = steps = 0
             for prompt in SPEC_PROMPTS:

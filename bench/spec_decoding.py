@@ -68,6 +68,18 @@ def one_run(url: str, prompts: list[str], batch: int, tokens: int, policy: dict 
     return done / seconds, (done / steps if steps else None)
 
 
+def _summary(cell, samples) -> dict:
+    """Medians and the issue's ratios for one (workload, batch) cell."""
+    tps = {c: v[0] for c, v in samples.items()}
+    acc = {c: v[1] for c, v in samples.items()}
+    med = {c: statistics.median(v) for c, v in tps.items()}
+    acc_med = {c: statistics.median(v) if all(x is not None for x in v) else None for c, v in acc.items()}
+    ratio = lambda x, y: med[x] / med[y] if x in med and y in med else None  # noqa: E731
+    return {"workload": cell[0], "batch": cell[1], "tok_s": tps, "accept_length": acc,
+            "median_tok_s": med, "median_accept_length": acc_med,
+            "d_over_a": ratio("d_spec_enforce", "a_plain_off"), "d_over_c": ratio("d_spec_enforce", "c_spec_off")}
+
+
 def spec_flags(args) -> list[str]:
     flags = ["--speculative-algorithm", args.algorithm, "--speculative-num-draft-tokens", str(args.draft_tokens)]
     if args.algorithm == "STANDALONE":
@@ -92,6 +104,9 @@ def main(argv=None) -> None:
                          "big for four servers at once: a subset per run, ratios only within one run)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra flag for every server (repeatable), e.g. --server-arg=--mem-fraction-static=0.95")
+    ap.add_argument("--one-server-at-a-time", action="store_true",
+                    help="start each configuration's server alone and measure it fully before the next "
+                         "(for a model pair that does not fit twice in memory; drift between them is not evened out)")
     ap.add_argument("--out", default="bench/results/spec_decoding.json")
     args = ap.parse_args(argv)
     model = prepare(args.model)
@@ -109,42 +124,43 @@ def main(argv=None) -> None:
                for name in sorted({route[c][0] for c in configs})}
     where = machine(dtype, why)
     print(f"cpu {where['cpu']} flags {' '.join(where['cpu_flags']) or '-'}: dtype {dtype} ({why})", flush=True)
-    results = []
-    try:
-        for s in servers.values():
-            s.start()
-        for workload in args.workloads.split(","):
-            prompts = [chat_prompt(model, p) for p in WORKLOADS[workload]]
-            for batch in map(int, args.batches.split(",")):
-                tps = {c: [] for c in configs}
-                acc = {c: [] for c in configs}
-                for run in range(args.runs + 1):  # run 0 warms up and is discarded
+    cells = [(w, b) for w in args.workloads.split(",") for b in map(int, args.batches.split(","))]
+    prompts = {w: [chat_prompt(model, p) for p in WORKLOADS[w]] for w, _ in cells}
+    samples = {cell: {c: ([], []) for c in configs} for cell in cells}
+
+    def measure(config, cell, run):
+        name, policy = route[config]
+        t, a = one_run(servers[name].url, prompts[cell[0]], cell[1], args.tokens, policy)
+        if run:  # run 0 warms up and is discarded
+            samples[cell][config][0].append(t)
+            samples[cell][config][1].append(a)
+            print(f"{cell[0]} batch {cell[1]} run {run}/{args.runs}: {config} {t:.2f} tok/s", flush=True)
+
+    if args.one_server_at_a_time:  # a model too big for two servers: each config in turn
+        for config in configs:
+            with servers[route[config][0]]:
+                for cell in cells:
+                    for run in range(args.runs + 1):
+                        measure(config, cell, run)
+    else:  # the configurations take turns, run by run, so drift hits them alike
+        try:
+            for s in servers.values():
+                s.start()
+            for cell in cells:
+                for run in range(args.runs + 1):
                     for config in configs:
-                        name, policy = route[config]
-                        t, a = one_run(servers[name].url, prompts, batch, args.tokens, policy)
-                        if run:
-                            tps[config].append(t)
-                            acc[config].append(a)
-                    print(f"{workload} batch {batch} run {run}/{args.runs}: " + ", ".join(
-                        f"{c} {tps[c][-1]:.1f} tok/s" for c in configs if run), flush=True)
-                med = {c: statistics.median(v) for c, v in tps.items()}
-                acc_med = {c: statistics.median(v) if all(x is not None for x in v) else None
-                           for c, v in acc.items()}
-                ratio = lambda x, y: med[x] / med[y] if x in med and y in med else None  # noqa: E731
-                results.append({"workload": workload, "batch": batch, "tok_s": tps, "accept_length": acc,
-                                "median_tok_s": med, "median_accept_length": acc_med,
-                                "d_over_a": ratio("d_spec_enforce", "a_plain_off"),
-                                "d_over_c": ratio("d_spec_enforce", "c_spec_off")})
-    finally:
-        for s in servers.values():
-            s.stop()
+                        measure(config, cell, run)
+        finally:
+            for s in servers.values():
+                s.stop()
+    results = [_summary(cell, samples[cell]) for cell in cells]
     print(f"\n{args.algorithm} on {args.model}, {where['cpu']} ({' '.join(where['cpu_flags']) or '-'}), {dtype}, "
           f"median of {args.runs}\n| workload | batch | (a) tok/s | (b) tok/s | (c) tok/s | (d) tok/s "
           "| accept len (c) | accept len (d) | (d)/(a) | (d)/(c) |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m, a = r["median_tok_s"], r["median_accept_length"]
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        tok = lambda c: "-" if c not in m else f"{m[c]:.1f}"  # noqa: E731
+        tok = lambda c: "-" if c not in m else f"{m[c]:.2f}"  # noqa: E731
         print(f"| {r['workload']} | {r['batch']} | {tok('a_plain_off')} | {tok('b_plain_enforce')} | "
               f"{tok('c_spec_off')} | {tok('d_spec_enforce')} | {fmt(a.get('c_spec_off'))} | "
               f"{fmt(a.get('d_spec_enforce'))} | {fmt(r['d_over_a'])} | {fmt(r['d_over_c'])} |")
@@ -152,6 +168,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "algorithm": args.algorithm, "spec_flags": spec,
                                "tokens_per_request": args.tokens, "runs": args.runs,
+                               "one_server_at_a_time": args.one_server_at_a_time,
                                "machine": platform.platform(), **where, "results": results}, indent=2))
     print(f"wrote {out}")
 

@@ -177,7 +177,7 @@ def _draft_config(args: argparse.Namespace, cfg: SafetyConfig) -> dict | None:
     if (getattr(args, "speculative_eagle_topk", None) or 1) < 2:
         raise ConfigError("--safety-draft-probe ranks the branches of draft trees: add --speculative-eagle-topk 2 "
                           "(or more); a chain has no harmless sibling to continue from")
-    if getattr(args, "device", None) not in (None, "cpu") and not getattr(args, "disable_cuda_graph", False):
+    if _device(args) != "cpu" and not getattr(args, "disable_cuda_graph", False):
         raise ConfigError("--safety-draft-probe needs the eager draft loop: add --disable-cuda-graph")
     probe = HarmProbe.load(Path(path))
     draft_model = args.speculative_draft_model_path
@@ -255,6 +255,14 @@ def _check_speculative(args: argparse.Namespace) -> None:
     if getattr(args, "speculative_use_rejection_sampling", False):
         raise ConfigError("--speculative-use-rejection-sampling is not supported with --safety-plugin: "
                           "its verify reads draft probabilities the veto does not mask")
+
+
+def _device(args: argparse.Namespace) -> str:
+    """The device SGLang will serve on (it picks CUDA when --device is not given and one is present)."""
+    if getattr(args, "device", None):
+        return args.device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _check_serving_path(args: argparse.Namespace, cfg: SafetyConfig) -> None:

@@ -14,8 +14,9 @@ A chain (topk 1) cannot gain from this: the harmful token must stay in the tree 
 target to veto it, and a chain has no sibling to continue from (replacing it instead makes
 the target reject the replacement and re-draw a step later; measured, README).
 
-Hooks (install(), from patches/layer_capture.py when the draft model loads): AROUND `draft` remembers the batch's requests (draft_forward sees only tensors);
-AROUND `draft_forward` marks the loop and asks the draft model for its final hidden state;
+Hooks (install(), from patches/layer_capture.py when the draft model loads): AROUND `draft`
+remembers the batch's requests (draft_forward sees only tensors); AROUND `draft_forward`
+marks the loop and asks the draft model for its final hidden state;
 AFTER the draft ModelRunner.forward keeps that step's logits output; AROUND
 `renorm_draft_probs` (the step's child probabilities, before SGLang's top-k) scales the
 rows of flagged nodes. The last draft level is never fed to the draft model and is left to
@@ -31,7 +32,7 @@ from tokenwise_safety import metrics
 from tokenwise_safety.probe import HarmProbe
 from tokenwise_safety.scoring import make_scorer
 
-from . import layer_capture
+from . import worker_scoring
 from .enforce import state_of
 from .server_args import ATTR
 
@@ -134,11 +135,9 @@ def _scores(worker, out, draft: dict, fed: torch.Tensor) -> torch.Tensor:
     followed here); a failure scores 0 (the verify veto still guards every token)."""
     n = len(fed)
     try:
-        taps = layer_capture.taps_of(worker.draft_runner)
-        parts = [taps[i].rows_of(n) if i in taps else out.hidden_states for i in draft["layers"]]
-        if any(p is None for p in parts):
+        hidden = worker_scoring.all_rows(worker.draft_worker, out, draft["layers"], n)
+        if hidden is None:
             raise RuntimeError("the draft model kept no hidden state for this step")
-        hidden = torch.cat(parts, dim=-1) if parts else torch.zeros(n, 0)
         scores, _ = draft["scorer_obj"].score_step(hidden, fed)
         return torch.nan_to_num(scores.float().cpu(), nan=0.0, posinf=0.0, neginf=0.0)
     except Exception:

@@ -86,37 +86,35 @@ TAPS_ATTR = "_tokenwise_taps"
 
 def after_load_model(result, runner, *args, **kwargs):
     """Install the taps right after the weights load, before any CUDA graph is captured."""
-    from .server_args import ATTR, check_probe_fits  # noqa: PLC0415 (patches import each other lazily)
+    from .server_args import ATTR  # noqa: PLC0415 (patches import each other lazily)
     config = getattr(runner.server_args, ATTR, None)
+    if config is None or hasattr(runner, TAPS_ATTR):
+        return result
     if getattr(runner, "is_draft_worker", False):
         # A draft model's tokens are scored by the target at verify; its own probe, when
         # given, ranks its drafts (patches/harmless_draft.py).
-        if (config or {}).get("draft") is not None and not hasattr(runner, TAPS_ATTR):
-            _install_draft_probe(runner, config)
+        if config.get("draft") is not None:
+            from . import harmless_draft
+            _check_and_tap(runner, config["scorer"], config["draft"], runner.server_args.speculative_draft_model_path)
+            harmless_draft.install()
         return result
-    if config is not None and not hasattr(runner, TAPS_ATTR):
-        if config["scorer"] == "probe":  # a hub id was not checked at launch; a folder again, cheaply
-            from tokenwise_safety.probe import HarmProbe
-            check_probe_fits(HarmProbe.load(config["probe_path"]), config["probe_path"],
-                             runner.model_config.hf_config.to_dict(), runner.server_args.model_path)
-        setattr(runner, TAPS_ATTR, install(runner.model, config["layers"]))
-        if runner.server_args.enable_metrics and getattr(runner, "tp_rank", 0) == 0:
-            from tokenwise_safety.info import describe
-            from tokenwise_safety.metrics import publish_info
-            publish_info(describe(config))
+    _check_and_tap(runner, config["scorer"], config, runner.server_args.model_path)
+    if runner.server_args.enable_metrics and getattr(runner, "tp_rank", 0) == 0:
+        from tokenwise_safety.info import describe
+        from tokenwise_safety.metrics import publish_info
+        publish_info(describe(config))
     return result
 
 
-def _install_draft_probe(runner, config: dict) -> None:
+def _check_and_tap(runner, scorer: str, probe: dict, model_name) -> None:
+    """The probe fits the loaded model (a hub id was not checked at launch; a folder again,
+    cheaply), then the taps for its layers."""
     from tokenwise_safety.probe import HarmProbe
-    from . import harmless_draft
     from .server_args import check_probe_fits
-    draft = config["draft"]
-    if config["scorer"] == "probe":  # a hub id was not checked at launch
-        check_probe_fits(HarmProbe.load(draft["probe_path"]), draft["probe_path"],
-                         runner.model_config.hf_config.to_dict(), runner.server_args.speculative_draft_model_path)
-    setattr(runner, TAPS_ATTR, install(runner.model, draft["layers"]))
-    harmless_draft.install()
+    if scorer == "probe":
+        check_probe_fits(HarmProbe.load(probe["probe_path"]), probe["probe_path"],
+                         runner.model_config.hf_config.to_dict(), model_name)
+    setattr(runner, TAPS_ATTR, install(runner.model, probe["layers"]))
 
 
 def taps_of(runner) -> dict[int, LayerTap]:

@@ -69,9 +69,9 @@ def add_cli_args(result, parser: argparse.ArgumentParser, *args, **kwargs):
                             "key: full (per-token scores and the vetoed token ids), scores (per-token "
                             "scores, no vetoed ids), decisions (interventions' positions and counts only).")
     group.add_argument("--safety-draft-probe", default=None,
-                       help="Harmless-first drafting (STANDALONE speculative decoding): a probe calibrated "
-                            "on the draft model; a draft it judges harmful for an enforced request is "
-                            "replaced by the draft's next-best token before verification.")
+                       help="Harmless-first drafting (STANDALONE speculative decoding with draft trees): a "
+                            "probe calibrated on the draft model; below a draft it judges harmful for an "
+                            "enforced request, the tree's branches are ranked down in favour of its siblings.")
     group.add_argument("--safety-draft-threshold", type=float, default=None,
                        help="The draft probe's threshold (default: its calibrated one).")
     _add_judge_args(parser.add_argument_group("tokenwise safety: self-judgment"))
@@ -165,7 +165,7 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
 
 def _draft_config(args: argparse.Namespace, cfg: SafetyConfig) -> dict | None:
     """The draft model's probe for harmless-first drafting (None: off), checked against the
-    draft model (STANDALONE, chain drafts, an eager draft loop)."""
+    draft model (STANDALONE, draft trees, an eager draft loop)."""
     path = getattr(args, "safety_draft_probe", None)
     if path is None:
         if getattr(args, "safety_draft_threshold", None) is not None:

@@ -36,8 +36,8 @@ def _metrics():
         "draft_vetoes": Counter("tokenwise_safety_draft_vetoes",
                                 "Speculative draft tokens vetoed at verify (drawn or not)", ["origin"]),
         "draft_reranks": Counter("tokenwise_safety_draft_reranks",
-                                 "Draft tokens the draft model's probe replaced by its next-best token "
-                                 "(harmless-first drafting)"),
+                                 "Draft tree nodes the draft model's probe flagged, their children ranked "
+                                 "down (harmless-first drafting)"),
         "accept_length": Histogram("tokenwise_safety_spec_accept_length",
                                    "Tokens committed per speculative verify step under the plugin",
                                    buckets=(1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)),

@@ -189,8 +189,10 @@ def test_standalone_with_the_probe_scores_every_token(tiny_model, tiny_probe, tm
     assert "scoring failed" not in log.read_text()
 
 
-HARMLESS_FIRST_SPEC = ["--speculative-algorithm", "STANDALONE", "--speculative-num-steps", "4",
-                       "--speculative-eagle-topk", "2", "--speculative-num-draft-tokens", "8"]
+def tree_flags(model) -> list[str]:
+    """STANDALONE with draft trees: two children per node, 4 levels, 8 nodes verified."""
+    return ["--speculative-algorithm", "STANDALONE", "--speculative-draft-model-path", str(model),
+            "--speculative-num-steps", "4", "--speculative-eagle-topk", "2", "--speculative-num-draft-tokens", "8"]
 
 
 def test_harmless_first_drafting_keeps_outputs_and_accepts_more(plain_on, tiny_model, tiny_probe,
@@ -200,7 +202,7 @@ def test_harmless_first_drafting_keeps_outputs_and_accepts_more(plain_on, tiny_m
     of plain enforce, and the same speculation accepts more drafts in fewer verify steps than
     without the draft probe."""
     logs = tmp_path_factory.mktemp("logs")
-    spec = HARMLESS_FIRST_SPEC[:2] + ["--speculative-draft-model-path", str(tiny_model)] + HARMLESS_FIRST_SPEC[2:]
+    spec = tree_flags(tiny_model)
     base = _server(tiny_model, tiny_probe, flagged, logs / "base.log", spec)
     first = _server(tiny_model, tiny_probe, flagged, logs / "harmless.log", spec,
                     ["--safety-draft-probe", str(tiny_probe)])

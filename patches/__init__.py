@@ -4,13 +4,14 @@
 (launcher, scheduler, detokenizer) and may call it more than once: it is idempotent.
 Hooks are inert unless the server was launched with --safety-plugin, except
 cpu_verify_attention and cpu_draft_attention, which give the CPU engine the speculative
-verify and draft attention it lacks. harmless_draft's hooks are registered later, only in
+verify and draft attention it lacks, and cpu_packed_linear, which makes its few-row
+matmuls (verify, draft extend, batched decode) cost about one row's. harmless_draft's hooks are registered later, only in
 the process that loads a draft model with --safety-draft-probe (importing SGLang's EAGLE
 worker everywhere would slow and clutter every launch).
 """
 from __future__ import annotations
 
-from . import (cpu_draft_attention, cpu_verify_attention, held_finish, held_stream, info_route, layer_capture, meta_info, openai_policy, openai_trace, parent_capture,
+from . import (cpu_draft_attention, cpu_packed_linear, cpu_verify_attention, held_finish, held_stream, info_route, layer_capture, meta_info, openai_policy, openai_trace, parent_capture,
                retraction, rollback, server_args, spec_verify, trace_entries, worker_scoring)
 
 _HOOKS = (
@@ -18,6 +19,9 @@ _HOOKS = (
     (server_args.FROM_CLI_ARGS, server_args.from_cli_args, "AFTER"),
     (info_route.LAUNCH, info_route.before_launch_server, "BEFORE"),
     (layer_capture.LOAD_MODEL, layer_capture.after_load_model, "AFTER"),
+    (cpu_packed_linear.LOAD_MODEL, cpu_packed_linear.after_load_model, "AFTER"),
+    (cpu_packed_linear.LINEAR_APPLY, cpu_packed_linear.around_linear_apply, "AROUND"),
+    (cpu_packed_linear.LM_HEAD, cpu_packed_linear.around_compute_lm_head, "AROUND"),
     (worker_scoring.TARGET, worker_scoring.before_forward, "BEFORE"),
     (worker_scoring.TARGET, worker_scoring.after_forward, "AFTER"),
     (worker_scoring.TARGET, spec_verify.before_verify_forward, "BEFORE"),

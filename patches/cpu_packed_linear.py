@@ -1,0 +1,101 @@
+"""Seam: dense linear layers and the LM head on a CPU without AMX.
+
+On a CPU with AMX, SGLang prepacks every linear weight once (_amx_process_weight_after_loading)
+and multiplies with sgl_kernel.weight_packed_linear. Elsewhere it calls F.linear, and torch's
+float32 GEMM over a handful of rows costs 2-4x one row on this project's AVX2 CPU (one
+thread, Qwen 1.5B's MLP gate/up: 8.1 ms for 1 row, 32 ms for 4; its LM head: 63 and 254 ms;
+python bench/packed_linear.py).
+A handful of rows is what speculative verify (D tokens a request), the draft model's
+extend and batched decode multiply, so speculation could not pay for itself there.
+
+After a model loads, this packs each float32 weight of an unquantized linear layer, and the
+LM head, once with torch's own oneDNN reorder (the prepacking inductor's CPU freezing uses),
+and multiplies two or more rows with the packed copy (4 rows: 16 ms and 108 ms). One row
+keeps F.linear, whose GEMV is faster at one thread, and so do weights under
+PACKED_MIN_ELEMENTS, where oneDNN's call overhead loses (a 64-wide layer: 0.03 ms against
+0.008 ms). The price is a second copy of those
+weights in memory. A weight changed after loading (its storage or version differs) is not
+served from a stale copy. Like cpu_verify_attention it is active without --safety-plugin,
+so plugin-off and plugin-on servers compare alike; TOKENWISE_CPU_PACKED_LINEAR=0 turns it off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+LOAD_MODEL = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
+LINEAR_APPLY = "sglang.srt.layers.quantization.unquant.UnquantizedLinearMethod.apply"
+LM_HEAD = "sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm_head"
+ENV = "TOKENWISE_CPU_PACKED_LINEAR"
+PACKED_ATTR = "_tokenwise_packed"
+BATCH_HINT = 8  # oneDNN picks its blocked layout for about this many rows
+PACKED_MIN_ELEMENTS = 1 << 18  # SmolLM2's 576x1536 MLP gains 1.6x at 4 rows; a 1000x64 layer loses 2x
+
+logger = logging.getLogger(__name__)
+
+
+def wanted(device: str) -> bool:
+    """CPU serving without AMX (which SGLang packs itself), unless turned off."""
+    if device != "cpu" or os.environ.get(ENV, "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    from sglang.srt.utils import cpu_has_amx_support
+    return not cpu_has_amx_support()
+
+
+def after_load_model(result, runner, *args, **kwargs):
+    if getattr(runner, PACKED_ATTR, False) or not wanted(str(runner.device)):
+        return result
+    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+    layers = [m for m in runner.model.modules()
+              if isinstance(getattr(m, "quant_method", None), UnquantizedLinearMethod)]
+    head = getattr(runner.model, "lm_head", None)
+    if head is not None and all(head is not m for m in layers):
+        layers.append(head)
+    packed = [m for m in layers if pack(m)]
+    setattr(runner, PACKED_ATTR, True)
+    extra = sum(m.weight.numel() * m.weight.element_size() for m in packed) / 2**30
+    logger.info("tokenwise: %d float32 linear weights prepacked for oneDNN, %.2f GB more memory (%s=0 turns "
+                "this off)", len(packed), extra, ENV)
+    return result
+
+
+def pack(module) -> bool:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32 \
+            or weight.device.type != "cpu" or weight.numel() < PACKED_MIN_ELEMENTS:
+        return False
+    with torch.no_grad():
+        blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
+    setattr(module, PACKED_ATTR, (blocked, weight.data_ptr(), weight._version))
+    return True
+
+
+def packed_weight(module, x: torch.Tensor):
+    """The packed copy when it serves x: two or more float32 rows on the CPU, weight unchanged."""
+    entry = getattr(module, PACKED_ATTR, None)
+    if entry is None or x.dim() != 2 or x.shape[0] < 2 or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    blocked, ptr, version = entry
+    weight = module.weight
+    return blocked if weight.data_ptr() == ptr and weight._version == version else None
+
+
+def linear(x: torch.Tensor, blocked: torch.Tensor, bias) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), blocked, bias, "none", [], "")
+
+
+def around_linear_apply(original, method, layer, x, bias=None, *args, **kwargs):
+    blocked = packed_weight(layer, x)
+    if blocked is None or args or kwargs:
+        return original(method, layer, x, bias, *args, **kwargs)
+    return linear(x, blocked, bias)
+
+
+def around_compute_lm_head(original, processor, hidden_states, lm_head, embedding_bias=None, *args, **kwargs):
+    blocked = packed_weight(lm_head, hidden_states)
+    plain_head = not (hasattr(lm_head, "set_lora") or args or kwargs.get("out") is not None)
+    if blocked is None or embedding_bias is not None or not plain_head:
+        return original(processor, hidden_states, lm_head, embedding_bias, *args, **kwargs)
+    return linear(hidden_states, blocked, None)

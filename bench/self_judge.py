@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from transformers import AutoTokenizer
 
 from tokenwise_safety import self_judge
 from tokenwise_safety.bundled import chat_prompt, prepare, probe_path
+from tokenwise_safety.metrics import sample_totals
 from tokenwise_safety.launch.server import Server, serving_dtype
 
 from spec_decoding import one_run
@@ -45,10 +45,9 @@ CONFIGS = (("judge_off", []), ("judge_on", ["--safety-self-judge", "on"]),
 
 
 def judge_counts(url: str) -> dict[str, float]:
-    text = requests.get(url + "/metrics", timeout=30).text
-    calls = sum(float(v) for v in re.findall(r"^tokenwise_safety_judge_calls_total\{[^}]*\} (\S+)", text, re.M))
-    tokens = re.search(r"^tokenwise_safety_judge_tokens_total (\S+)", text, re.M)
-    return {"calls": calls, "tokens": float(tokens.group(1)) if tokens else 0.0}
+    totals = sample_totals(requests.get(url + "/metrics", timeout=30).text)
+    return {"calls": totals.get("tokenwise_safety_judge_calls_total", 0.0),
+            "tokens": totals.get("tokenwise_safety_judge_tokens_total", 0.0)}
 
 
 def cost(server: Server, model_path, answer: int) -> dict:

@@ -140,3 +140,14 @@ def publish_info(info: dict) -> None:
     gauge = Gauge("tokenwise_safety_info", "Plugin version, probe artifact sha256, mode and threshold of this replica",
                   list(INFO_FIELDS), multiprocess_mode="max")
     gauge.labels(*(str(info[k]) for k in INFO_FIELDS)).set(1)
+
+
+def sample_totals(exposition: str) -> dict[str, float]:
+    """{sample name: value summed over its label sets} of a /metrics page (prometheus_client's
+    own parser), for benches and tests that read counters from a running server."""
+    from prometheus_client.parser import text_string_to_metric_families
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals

@@ -129,7 +129,7 @@ ALL_MODELS_ENV = "TOKENWISE_TEST_ALL_CHAT_MODELS"
 def test_sglang_greedy_equals_transformers(name, tmp_path):
     from transformers import AutoTokenizer
 
-    from tokenwise_safety.launch.server import Server
+    from tokenwise_safety.launch.server import Server, has_cuda
 
     if not bundled.is_prepared(name):
         pytest.skip(f"{name} not prepared: python -m tokenwise_safety.bundled --model {name}")
@@ -157,3 +157,7 @@ def test_sglang_greedy_equals_transformers(name, tmp_path):
             "max_tokens": NEW_TOKENS, "temperature": 0})
         r.raise_for_status()
         assert r.json()["choices"][0]["message"]["content"] == tok.decode(want, skip_special_tokens=True)
+    # On a CPU without AMX these greedy tokens came through the prepacked weights.
+    from tokenwise_safety.patches.cpu_packed_linear import wanted
+    if not has_cuda() and wanted("cpu"):
+        assert "linear weights prepacked for oneDNN" in (tmp_path / "server.log").read_text()

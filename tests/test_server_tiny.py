@@ -10,6 +10,7 @@ import pytest
 import requests
 import torch
 
+from tokenwise_safety.metrics import sample_totals
 from tokenwise_safety.probe import HarmProbe
 from tokenwise_safety.trace import summarize
 
@@ -107,10 +108,7 @@ def test_generate_stream_chunks_carry_only_the_new_scores(tiny_server):
 
 
 def _metric(server, name):
-    for line in requests.get(server.url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return sample_totals(requests.get(server.url + "/metrics", timeout=30).text).get(name, 0.0)
 
 
 def test_metrics_count_every_scored_position(tiny_server, tiny_probe):

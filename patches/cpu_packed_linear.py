@@ -55,6 +55,8 @@ def after_load_model(result, runner, *args, **kwargs):
         layers.append(head)
     packed = [m for m in layers if pack(m)]
     setattr(runner, PACKED_ATTR, True)
+    if not packed:  # e.g. a bf16 model, or only small layers
+        return result
     extra = sum(m.weight.numel() * m.weight.element_size() for m in packed) / 2**30
     logger.info("tokenwise: %d float32 linear weights prepacked for oneDNN, %.2f GB more memory (%s=0 turns "
                 "this off)", len(packed), extra, ENV)

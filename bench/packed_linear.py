@@ -42,16 +42,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "packed_linear.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from tokenwise_safety.patches.cpu_packed_linear import BATCH_HINT
+    from tokenwise_safety.patches.cpu_packed_linear import blocked_copy, linear
     rows, results = [int(r) for r in args.rows.split(",")], []
     print(f"{'weight':<18} {'rows':>5} {'F.linear ms':>12} {'packed ms':>10} {'ratio':>6}")
     for name, shape in SHAPES.items():
         weight = torch.randn(*shape)
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+        packed = blocked_copy(weight)
         for m in rows:
             x = torch.randn(m, shape[1])
             dense = timed(lambda: F.linear(x, weight), args.repeats)
-            blocked = timed(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), args.repeats)
+            blocked = timed(lambda: linear(x, packed, None), args.repeats)
             results.append({"weight": name, "shape": shape, "rows": m, "f_linear_ms": dense, "packed_ms": blocked})
             print(f"{name:<18} {m:>5} {dense:>12.1f} {blocked:>10.1f} {dense / blocked:>6.2f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,8 @@ from transformers import AutoTokenizer
 
 from tokenwise_safety import self_judge
 from tokenwise_safety.bundled import chat_prompt, prepare, probe_path
-from tokenwise_safety.metrics import sample_totals
 from tokenwise_safety.launch.server import Server, serving_dtype
+from tokenwise_safety.metrics import sample_totals
 
 from spec_decoding import one_run
 from throughput import machine

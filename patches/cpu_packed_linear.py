@@ -68,10 +68,14 @@ def pack(module) -> bool:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32 \
             or weight.device.type != "cpu" or weight.numel() < PACKED_MIN_ELEMENTS:
         return False
-    with torch.no_grad():
-        blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
-    setattr(module, PACKED_ATTR, (blocked, weight.data_ptr(), weight._version))
+    setattr(module, PACKED_ATTR, (blocked_copy(weight), weight.data_ptr(), weight._version))
     return True
+
+
+def blocked_copy(weight: torch.Tensor) -> torch.Tensor:
+    """The weight reordered into oneDNN's blocked layout, for `linear`."""
+    with torch.no_grad():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
 
 
 def packed_weight(module, x: torch.Tensor):

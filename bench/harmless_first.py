@@ -26,7 +26,7 @@ import requests
 from tokenwise_safety.bundled import MODELS, chat_prompt, prepare, probe_path
 from tokenwise_safety.eval import build_suites
 from tokenwise_safety.launch.server import Server, serving_dtype
-from tokenwise_safety.metrics import sample_totals
+from tokenwise_safety.metrics import sample_total
 
 from throughput import machine
 
@@ -36,8 +36,8 @@ COUNTERS = ("tokenwise_safety_draft_reranks_total", "tokenwise_safety_draft_veto
 
 
 def counters(url: str) -> dict[str, float]:
-    totals = sample_totals(requests.get(url + "/metrics", timeout=30).text)
-    return {name: totals.get(name, 0.0) for name in COUNTERS}
+    page = requests.get(url + "/metrics", timeout=30).text
+    return {name: sample_total(page, name) for name in COUNTERS}
 
 
 def run_suite(url: str, texts: list[str], tokens: int) -> dict:

@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from tokenwise_safety import self_judge
 from tokenwise_safety.bundled import chat_prompt, prepare, probe_path
 from tokenwise_safety.launch.server import Server, serving_dtype
-from tokenwise_safety.metrics import sample_totals
+from tokenwise_safety.metrics import sample_total
 
 from spec_decoding import one_run
 from throughput import machine
@@ -45,9 +45,9 @@ CONFIGS = (("judge_off", []), ("judge_on", ["--safety-self-judge", "on"]),
 
 
 def judge_counts(url: str) -> dict[str, float]:
-    totals = sample_totals(requests.get(url + "/metrics", timeout=30).text)
-    return {"calls": totals.get("tokenwise_safety_judge_calls_total", 0.0),
-            "tokens": totals.get("tokenwise_safety_judge_tokens_total", 0.0)}
+    page = requests.get(url + "/metrics", timeout=30).text
+    return {"calls": sample_total(page, "tokenwise_safety_judge_calls_total"),
+            "tokens": sample_total(page, "tokenwise_safety_judge_tokens_total")}
 
 
 def cost(server: Server, model_path, answer: int) -> dict:

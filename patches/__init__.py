@@ -19,7 +19,7 @@ _HOOKS = (
     (server_args.FROM_CLI_ARGS, server_args.from_cli_args, "AFTER"),
     (info_route.LAUNCH, info_route.before_launch_server, "BEFORE"),
     (layer_capture.LOAD_MODEL, layer_capture.after_load_model, "AFTER"),
-    (cpu_packed_linear.LOAD_MODEL, cpu_packed_linear.after_load_model, "AFTER"),
+    (cpu_packed_linear.ALLOC_MEMORY_POOL, cpu_packed_linear.after_alloc_memory_pool, "AFTER"),
     (cpu_packed_linear.LINEAR_APPLY, cpu_packed_linear.around_linear_apply, "AROUND"),
     (cpu_packed_linear.LM_HEAD, cpu_packed_linear.around_compute_lm_head, "AROUND"),
     (worker_scoring.TARGET, worker_scoring.before_forward, "BEFORE"),

@@ -8,13 +8,16 @@ python bench/packed_linear.py).
 A handful of rows is what speculative verify (D tokens a request), the draft model's
 extend and batched decode multiply, so speculation could not pay for itself there.
 
-After a model loads, this packs each float32 weight of an unquantized linear layer, and the
+After a model's KV pool is allocated, this packs each float32 weight of an unquantized linear layer, and the
 LM head, once with torch's own oneDNN reorder (the prepacking inductor's CPU freezing uses),
 and multiplies two or more rows with the packed copy (4 rows: 16 ms and 108 ms). One row
 keeps F.linear, whose GEMV is faster at one thread, and so do weights under
 PACKED_MIN_ELEMENTS, where oneDNN's call overhead loses (a 64-wide layer: 0.03 ms against
 0.008 ms). The price is a second copy of those
-weights in memory. A weight changed after loading (its storage or version differs) is not
+weights in memory, taken only from what is left once the KV pool is sized (so the pool is the
+size it would be without packing) and only while SGLang's runtime reserve for activations,
+pre-load memory x (1 - --mem-fraction-static), stays free; otherwise the server logs why and
+serves with F.linear. A weight changed after loading (its storage or version differs) is not
 served from a stale copy. Like cpu_verify_attention it is active without --safety-plugin,
 so plugin-off and plugin-on servers compare alike; TOKENWISE_CPU_PACKED_LINEAR=0 turns it off.
 """
@@ -25,7 +28,7 @@ import os
 
 import torch
 
-LOAD_MODEL = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
+ALLOC_MEMORY_POOL = "sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool"
 LINEAR_APPLY = "sglang.srt.layers.quantization.unquant.UnquantizedLinearMethod.apply"
 LM_HEAD = "sglang.srt.layers.logits_processor.LogitsProcessor._compute_lm_head"
 ENV = "TOKENWISE_CPU_PACKED_LINEAR"
@@ -44,30 +47,61 @@ def wanted(device: str) -> bool:
     return not cpu_has_amx_support()
 
 
-def after_load_model(result, runner, *args, **kwargs):
+def after_alloc_memory_pool(result, runner, *args, **kwargs):
     if getattr(runner, PACKED_ATTR, False) or not wanted(str(runner.device)):
         return result
-    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
-    layers = [m for m in runner.model.modules()
-              if isinstance(getattr(m, "quant_method", None), UnquantizedLinearMethod)]
-    head = getattr(runner.model, "lm_head", None)
-    if head is not None and all(head is not m for m in layers):
-        layers.append(head)
-    packed = [m for m in layers if pack(m)]
     setattr(runner, PACKED_ATTR, True)
-    if not packed:  # e.g. a bf16 model, or only small layers
+    layers = [m for m in linear_layers(runner.model) if packable(m)]
+    if not layers:  # e.g. a bf16 model, or only small layers
         return result
-    extra = sum(m.weight.numel() * m.weight.element_size() for m in packed) / 2**30
+    extra = sum(m.weight.numel() * m.weight.element_size() for m in layers) / 2**30
+    free, reserve = free_and_reserve_gb(runner)
+    if not room_to_pack(extra, free, reserve):
+        logger.warning("tokenwise: linear weights not prepacked for oneDNN: they need %.2f GB, %.2f GB is free "
+                       "after the KV pool and SGLang keeps %.2f GB of it for activations (lower "
+                       "--max-total-tokens or raise --mem-fraction-static to make room); few-row matmuls stay "
+                       "on F.linear", extra, free, reserve)
+        return result
+    for m in layers:
+        pack(m)
     logger.info("tokenwise: %d float32 linear weights prepacked for oneDNN, %.2f GB more memory (%s=0 turns "
-                "this off)", len(packed), extra, ENV)
+                "this off)", len(layers), extra, ENV)
     return result
 
 
-def pack(module) -> bool:
+def linear_layers(model) -> list:
+    """SGLang's unquantized linear layers, and the LM head."""
+    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+    layers = [m for m in model.modules() if isinstance(getattr(m, "quant_method", None), UnquantizedLinearMethod)]
+    head = getattr(model, "lm_head", None)
+    if head is not None and all(head is not m for m in layers):
+        layers.append(head)
+    return layers
+
+
+def free_and_reserve_gb(runner) -> tuple[float, float]:
+    """Memory free now, and the part SGLang's KV sizing left for activations (its own formula:
+    pre-load memory x (1 - mem_fraction_static))."""
+    from sglang.srt.runtime_context import get_schedule
+    from sglang.srt.utils import get_available_gpu_memory
+    free = get_available_gpu_memory(str(runner.device), runner.gpu_id, empty_cache=False)
+    return free, runner.pre_model_load_memory * (1 - get_schedule().mem_fraction_static)
+
+
+def room_to_pack(extra_gb: float, free_gb: float, reserve_gb: float) -> bool:
+    return free_gb - extra_gb >= reserve_gb
+
+
+def packable(module) -> bool:
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32 \
-            or weight.device.type != "cpu" or weight.numel() < PACKED_MIN_ELEMENTS:
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.dtype == torch.float32 \
+        and weight.device.type == "cpu" and weight.numel() >= PACKED_MIN_ELEMENTS
+
+
+def pack(module) -> bool:
+    if not packable(module):
         return False
+    weight = module.weight
     setattr(module, PACKED_ATTR, (blocked_copy(weight), weight.data_ptr(), weight._version))
     return True
 

@@ -142,12 +142,14 @@ def publish_info(info: dict) -> None:
     gauge.labels(*(str(info[k]) for k in INFO_FIELDS)).set(1)
 
 
-def sample_totals(exposition: str) -> dict[str, float]:
-    """{sample name: value summed over its label sets} of a /metrics page (prometheus_client's
-    own parser), for benches and tests that read counters from a running server."""
+def sample_total(exposition: str, name: str, **labels: str) -> float:
+    """Sample `name` of a /metrics page (prometheus_client's own parser), summed over the label
+    sets that carry `labels`, for benches and tests that read counters from a running server.
+    0.0 when the page has no such sample: the multiprocess collector shows a labelled counter
+    only after its first increment. A label set written into the name would always read 0.0,
+    so it is refused."""
+    if "{" in name or "}" in name:
+        raise ValueError(f"{name!r}: pass labels as keyword arguments, not in the sample name")
     from prometheus_client.parser import text_string_to_metric_families
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
+    return sum(s.value for family in text_string_to_metric_families(exposition) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

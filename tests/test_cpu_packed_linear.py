@@ -89,3 +89,14 @@ def test_the_switch_turns_it_off(monkeypatch):
     assert not cpl.wanted("cpu")
     monkeypatch.delenv(cpl.ENV)
     assert not cpl.wanted("cuda")
+
+
+def test_packing_only_takes_memory_sglang_leaves_past_its_activation_reserve():
+    # The CI machine's Qwen 1.5B judge server (log of the failed run): 15.10 GB before loading,
+    # --mem-fraction-static 0.716, 8.50 GB free after loading, 5.75 GB to pack. Packed, it left
+    # the KV pool nothing and the server died; now the pool is sized first and packing must fit
+    # beside the reserve.
+    reserve = 15.10 * (1 - 0.716)
+    assert not cpl.room_to_pack(5.75, 8.50 - 0.94, reserve)
+    assert cpl.room_to_pack(5.75, 14.0, reserve)
+    assert cpl.room_to_pack(0.50, 8.50 - 0.94, reserve)  # SmolLM2's 0.50 GB fits there

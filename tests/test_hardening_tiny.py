@@ -134,7 +134,7 @@ def test_fail_closed_ends_the_affected_requests_and_keeps_serving(tiny_model, ti
                                                                    tmp_path_factory):
     plan = fault_plan
     with _fault_server(tiny_model, tiny_probe, plan, "fail-closed", tmp_path_factory) as server:
-        before = _metric(server, 'tokenwise_safety_errors_total{action="fail_closed"}')
+        before = _metric(server, "tokenwise_safety_errors_total", action="fail_closed")
         for kind in ("nan", "raise"):
             prompt, k = plan[f"{kind}_at"]
             off = plan["off"][prompt]
@@ -158,7 +158,7 @@ def test_fail_closed_ends_the_affected_requests_and_keeps_serving(tiny_model, ti
         for p, out in zip(jobs[1:], outs[1:]):
             assert out["output_ids"] == plan["off"][p] and out["meta_info"]["finish_reason"]["type"] == "length"
             assert None not in out["meta_info"]["harm_score"]
-        assert _metric(server, 'tokenwise_safety_errors_total{action="fail_closed"}') >= before + 5
+        assert _metric(server, "tokenwise_safety_errors_total", action="fail_closed") >= before + 5
         assert generate(server, plan["clean"][0], n=16)["output_ids"] == plan["off"][plan["clean"][0]]
 
 
@@ -166,7 +166,7 @@ def test_fail_open_lets_the_affected_requests_run_unscored(tiny_model, tiny_prob
                                                             tmp_path_factory):
     plan = fault_plan
     with _fault_server(tiny_model, tiny_probe, plan, "fail-open", tmp_path_factory) as server:
-        before = _metric(server, 'tokenwise_safety_errors_total{action="fail_open"}')
+        before = _metric(server, "tokenwise_safety_errors_total", action="fail_open")
         for kind in ("nan", "raise"):
             prompt, k = plan[f"{kind}_at"]
             out = gen(server, prompt, policy=ENFORCE).json()
@@ -175,7 +175,7 @@ def test_fail_open_lets_the_affected_requests_run_unscored(tiny_model, tiny_prob
             scores = out["meta_info"]["harm_score"]
             assert scores[k + 1] is None and scores.count(None) == 1  # the failed step, and only it
             assert out["meta_info"]["tokenwise_safety"]["num_scored"] == len(scores) - 1
-        assert _metric(server, 'tokenwise_safety_errors_total{action="fail_open"}') == before + 2
+        assert _metric(server, "tokenwise_safety_errors_total", action="fail_open") == before + 2
         assert "injected scorer fault" in server.log_path.read_text()
         # a NaN score never reaches the histogram (its sum would stay NaN for good)
         assert math.isfinite(_metric(server, "tokenwise_safety_token_harm_score_sum"))

@@ -10,7 +10,7 @@ import pytest
 import requests
 import torch
 
-from tokenwise_safety.metrics import sample_totals
+from tokenwise_safety.metrics import sample_total
 from tokenwise_safety.probe import HarmProbe
 from tokenwise_safety.trace import summarize
 
@@ -107,8 +107,8 @@ def test_generate_stream_chunks_carry_only_the_new_scores(tiny_server):
     assert all("tokenwise_safety" not in c["meta_info"] for c in chunks[:-1])
 
 
-def _metric(server, name):
-    return sample_totals(requests.get(server.url + "/metrics", timeout=30).text).get(name, 0.0)
+def _metric(server, name, **labels):
+    return sample_total(requests.get(server.url + "/metrics", timeout=30).text, name, **labels)
 
 
 def test_metrics_count_every_scored_position(tiny_server, tiny_probe):

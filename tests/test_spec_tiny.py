@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tokenwise_safety.launch.server import Server
-from tokenwise_safety.metrics import sample_totals
+from tokenwise_safety.metrics import sample_total
 from tokenwise_safety.policy import OVERRIDE_KEY_ENV
 
 from conftest import TINY_SERVER_FLAGS
@@ -128,7 +128,7 @@ def test_speculation_accepts_drafts_under_enforce(spec_on):
 
 
 def _metric(text: str, name: str) -> float:
-    return sample_totals(text).get(name, 0.0)
+    return sample_total(text, name)
 
 
 def test_drafts_are_vetoed_inside_trees_and_counted(spec_on, flagged):

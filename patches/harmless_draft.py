@@ -14,7 +14,7 @@ A chain (topk 1) cannot gain from this: the harmful token must stay in the tree 
 target to veto it, and a chain has no sibling to continue from (replacing it instead makes
 the target reject the replacement and re-draw a step later; measured, README).
 
-Hooks (install(), from patches/layer_capture.py when the draft model loads): AROUND `draft`
+Hooks (HOOKS, installed by patches/layer_capture.py when a speculative model loads): AROUND `draft`
 remembers the batch's requests (draft_forward sees only tensors); AROUND `draft_forward`
 marks the loop and asks the draft model for its final hidden state;
 AFTER the draft ModelRunner.forward keeps that step's logits output; AROUND
@@ -43,17 +43,6 @@ RENORM = f"{_WORKER}.renorm_draft_probs"
 RUNNER_FORWARD = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
 RANK_DOWN = 1e-6  # a flagged node's children's probabilities are scaled by this
 logger = logging.getLogger(__name__)
-
-
-def install() -> None:
-    """Register and apply this module's hooks (idempotent): called where the draft model
-    loads, after SGLang applied the plugin's other hooks."""
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    for target, hook, kind in HOOKS:
-        if not any(h is hook for _, h, *_ in HookRegistry._hooks.get(target, [])):
-            HookRegistry.register(target, hook, HookType[kind])
-    HookRegistry.apply_hooks()
 
 
 class _Loop:

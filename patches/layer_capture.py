@@ -94,16 +94,31 @@ def after_load_model(result, runner, *args, **kwargs):
         # A draft model's tokens are scored by the target at verify; its own probe, when
         # given, ranks its drafts (patches/harmless_draft.py).
         if config.get("draft") is not None:
-            from . import harmless_draft
             _check_and_tap(runner, config["scorer"], config["draft"], runner.server_args.speculative_draft_model_path)
-            harmless_draft.install()
+        _install_speculative_hooks(config)
         return result
     _check_and_tap(runner, config["scorer"], config, runner.server_args.model_path)
+    if getattr(runner.server_args, "speculative_algorithm", None):
+        _install_speculative_hooks(config)
     if runner.server_args.enable_metrics and getattr(runner, "tp_rank", 0) == 0:
         from tokenwise_safety.info import describe
         from tokenwise_safety.metrics import publish_info
         publish_info(describe(config))
     return result
+
+
+def _install_speculative_hooks(config) -> None:
+    """The hooks on SGLang's speculative workers (imported only where one runs): forced
+    pivots as drafts, and harmless-first drafting when a draft probe is given. One call
+    registers them all: HookRegistry patches a target once, with the hooks it holds then."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from . import harmless_draft, pivot_drafts
+    hooks = pivot_drafts.HOOKS + (harmless_draft.HOOKS if config.get("draft") is not None else ())
+    for target, hook, kind in hooks:
+        if not any(h is hook for _, h, *_ in HookRegistry._hooks.get(target, [])):
+            HookRegistry.register(target, hook, HookType[kind])
+    HookRegistry.apply_hooks()
 
 
 def _check_and_tap(runner, scorer: str, probe: dict, model_name) -> None:

@@ -26,7 +26,8 @@ import torch
 
 from tokenwise_safety import metrics
 from tokenwise_safety.commit import Intervention
-from tokenwise_safety.spec_tree import judged_along_paths, mask_in_parent_rows, parents_of, shift_in
+from tokenwise_safety.spec_tree import (force_in_parent_rows, forced_chain, judged_along_paths, mask_in_parent_rows,
+                                        parents_of, shift_in)
 from tokenwise_safety.trace import INTERVENTION_KEY, TRACE_KEY
 
 from . import enforce, worker_scoring
@@ -138,23 +139,59 @@ class _Tree:
         over = (judged >= thresholds[:, None]) & (st_enforce & ok_rows)[:, None]
         root_judged = ~self._mask(lambda i, st: st.pending_forced)
         self.root_over = over[:, 0] & root_judged
+        # A pivot being forced: the drafted nodes that spell its next tokens are accepted
+        # without judging (patches/pivot_drafts.py places them), no other child of theirs.
+        queue, queued = self._queues()
+        self.forced = forced_chain(self.tokens, self.parent, self.depth, queue)
+        chained = self.forced.any(dim=1)
         # Tokens that are not the model's to choose: accept no draft this step.
-        self.fixed = self.root_over | self._mask(lambda i, st: i in self.stops or (
-            st.pending_forced and st.pivot_queue) or st.deferred_finish is not None)
-        self.vetoed = over & (self.parent >= 0) & ~self.fixed[:, None]
+        self.fixed = self.root_over | (self._mask(lambda i, st: i in self.stops or (
+            st.pending_forced and st.pivot_queue) or st.deferred_finish is not None) & ~chained)
+        forced_row = torch.zeros_like(self.forced)
+        b, j = self.forced.nonzero(as_tuple=True)
+        forced_row[b, self.parent[b, j]] = True
+        under_forced = forced_row.gather(1, self.parent.clamp(min=0)) & (self.parent >= 0)
+        # The pivot goes on past the chain: the chain's last node takes no draft either.
+        end = torch.where(self.forced, self.depth, -1).argmax(dim=1)
+        goes_on = chained & (queued > self.forced.sum(dim=1))
+        self.past_chain = (self.parent == end[:, None]) & goes_on[:, None]
+        over &= ~self.forced
+        self.vetoed = over & (self.parent >= 0) & ~self.fixed[:, None] & ~under_forced & ~self.past_chain
         if bool(self.vetoed.any()):
             for i, count in enumerate(self.vetoed.sum(dim=1).tolist()):
                 metrics.count_draft_vetoes(count, self.states[i].policy.origin)
         # Each node's logit in its parent's row, before any mask (ranks the vetoes).
         parent_rows = (self.base + self.parent.clamp(min=0)).flatten()
         self.child_logit = self.logits[parent_rows, self.tokens.flatten()].view(self.n, self.d).float()
-        blocked = self.vetoed | (self.fixed[:, None] & (self.parent == 0))
+        blocked = self.vetoed | (self.fixed[:, None] & (self.parent == 0)) | self.past_chain
         self.masked = mask_in_parent_rows(self.logits, self.parent, self.tokens, blocked)
+        self.forced_rows = force_in_parent_rows(self.logits, self.parent, self.tokens, self.forced)
+
+    def _queues(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([n, D-1] the pivot tokens still to force after each request's root, -1 padded;
+        [n] how many there are in all), for enforced requests whose next token is the
+        pivot's and that hold nothing."""
+        q = torch.full((self.n, self.d - 1), -1, dtype=torch.long)
+        queued = torch.zeros(self.n, dtype=torch.long)
+        for i, st in enumerate(self.states):
+            if st.policy.enforce and st.pending_forced and st.deferred_finish is None and i not in self.stops:
+                head = st.pivot_queue[: self.d - 1]
+                q[i, :len(head)] = torch.tensor(head, dtype=torch.long)
+                queued[i] = len(st.pivot_queue)
+        return q.to(self.logits.device), queued.to(self.logits.device)
+
+    def _unforce(self) -> None:
+        rows, saved = getattr(self, "forced_rows", (None, None))
+        if rows is not None and rows.numel():
+            self.logits[rows] = saved
+        self.forced_rows = (None, None)
 
     def fail_all(self) -> None:
         """A bug in the veto path: every enforced row goes to --safety-on-error."""
+        self._unforce()
         empty = torch.zeros(0, dtype=torch.long, device=self.logits.device)
         self.masked = (empty, empty, self.logits[empty, empty])
+        self.forced = torch.zeros_like(self.ok)
         self.ok = torch.zeros_like(self.ok)
         self.root_over = torch.zeros(self.n, dtype=torch.bool, device=self.logits.device)
         self.vetoed = torch.zeros_like(self.ok)
@@ -168,6 +205,7 @@ class _Tree:
         """Commit each request's kept run: trace, interventions, window history, the
         bonus token's parent distribution; cut runs where a sequential decoder would have
         pivoted; override the bonus where the plugin chooses it."""
+        self._unforce()
         lens = accept_lens.tolist()  # the step's host sync (SGLang syncs on it anyway)
         paths = accept_index.tolist()
         dev = self.logits.device
@@ -186,9 +224,9 @@ class _Tree:
                 continue
             forcing = st.pending_forced and bool(st.pivot_queue)
             entries[i][0] = enforce._commit_pending(st, next_ids, i)
-            if forcing:  # the next pivot token (no draft was accepted)
-                predict[paths[i][0]] = next_ids[i]
-            cut = self._intervene(i, st, drawn.get(i, []), predict, paths, lens, entries)
+            cut = self._force(i, st, next_ids, predict, paths, lens) if forcing else None
+            if cut is None:
+                cut = self._intervene(i, st, drawn.get(i, []), predict, paths, lens, entries)
             if cut is not None:
                 accept_index[i, cut + 1:] = -1
                 accept_lens[i] = lens[i] = cut + 1
@@ -202,6 +240,22 @@ class _Tree:
         self._keep_history(local, lens)
         self._publish(local, lens, entries)
         enforce._Step.rollback = sorted(set(self.rollback))
+
+    def _force(self, i, st, next_ids, predict, paths, lens) -> int | None:
+        """A pivot being forced: its tokens are the run's first tokens (accepted drafts
+        that spell it, then the bonus if the pivot goes on past them). Returns a depth to
+        cut the run at if an accepted draft is not the pivot's token (never expected)."""
+        predict[paths[i][0]] = next_ids[i]
+        for k in range(1, lens[i]):
+            forced = st.next_forced()
+            if forced is None:  # the pivot is done: the rest of the run is the model's
+                return None
+            mismatch = k < lens[i] - 1 and int(predict[paths[i][k]]) != forced
+            predict[paths[i][k]] = forced
+            if mismatch:
+                logger.error("tokenwise safety: an accepted draft is not the pivot's token; the run is cut there")
+                return k
+        return None
 
     def _drawn(self, predict, paths, lens) -> dict[int, list[tuple[int, list[int]]]]:
         """Per request, the rows along its kept run whose vetoed children a sequential

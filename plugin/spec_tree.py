@@ -75,3 +75,40 @@ def shift_in(recent: torch.Tensor, new: torch.Tensor, counts: torch.Tensor) -> t
     end = w1 + counts.long()
     idx = end[:, None] - w1 + torch.arange(w1, device=recent.device)[None, :]
     return joined.gather(1, idx)
+
+
+def forced_chain(tokens: torch.Tensor, parent: torch.Tensor, depth: torch.Tensor,
+                 queue: torch.Tensor) -> torch.Tensor:
+    """[B, D] bool: the drafted nodes that spell a request's forced tokens (the rest of a
+    pivot) from the root down: node j at depth k is on the chain when its parent is and
+    its token is queue[b, k-1] (queue [B, Q], -1 past the end; one sibling per level, the
+    first). Only these nodes may be accepted for a forcing request, one step for up to
+    D-1 pivot tokens instead of one step each."""
+    b, d = tokens.shape
+    on = torch.zeros((b, d), dtype=torch.bool, device=tokens.device)
+    if not queue.shape[1]:
+        return on
+    on[:, 0] = queue[:, 0] >= 0  # the root of a request with tokens left to force
+    padded = torch.cat([queue, torch.full((b, d), -1, dtype=queue.dtype, device=queue.device)], dim=1)
+    want = padded.gather(1, (depth - 1).clamp(min=0))  # the token node j must carry
+    node = torch.arange(d, device=tokens.device).expand(b, d)
+    for level in range(1, d):
+        fits = (depth == level) & on.gather(1, parent.clamp(min=0)) & (tokens == want) & (want >= 0)
+        first = torch.where(fits, node, d).min(dim=1).values  # one node per level
+        on |= fits & (node == first[:, None])
+    on[:, 0] = False
+    return on
+
+
+def force_in_parent_rows(logits: torch.Tensor, parent: torch.Tensor, tokens: torch.Tensor,
+                         forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave each forced node's token the only finite logit in its parent's row, so greedy
+    and sampled verification both accept it. Returns (rows, their logits before) to put
+    back once verification has run."""
+    d = parent.shape[1]
+    b, j = forced.nonzero(as_tuple=True)
+    rows, toks = b * d + parent[b, j], tokens[b, j]
+    saved = logits[rows].clone()
+    logits[rows] = float("-inf")
+    logits[rows, toks] = saved[torch.arange(rows.numel(), device=rows.device), toks]
+    return rows, saved

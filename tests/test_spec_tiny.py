@@ -84,8 +84,9 @@ def spec_off(request, tiny_model, tmp_path_factory):
 
 
 def gen(server, prompt, n=24, policy=None):
-    body = {"text": prompt, "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True,
-                                                **(policy or {})}}
+    """Greedy; `prompt` is text, or token ids."""
+    body = {"text" if isinstance(prompt, str) else "input_ids": prompt,
+            "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True, **(policy or {})}}
     r = requests.post(server.url + "/generate", json=body, timeout=120)
     r.raise_for_status()
     return r.json()
@@ -119,6 +120,29 @@ def test_speculation_with_enforce_equals_plain_enforce(plain_on, spec_on, flagge
                 for x in spec["meta_info"]["tokenwise_safety"]["interventions"]:
                     kinds["stop" if x["stop"] else "pivot" if x["pivot"] else "redraw"] += 1
     assert kinds["redraw"] and kinds["pivot"], kinds  # the prompts exercise both
+
+
+def test_a_forced_pivot_is_committed_several_tokens_a_verify_step(plain_on, spec_on, flagged, tiny_model):
+    """A prompt ending in a flagged token starts the answer with the pivot. Its tokens are
+    placed as drafts and forced at verify, so the pivot takes about one step per D tokens
+    instead of one step per token, and the answer is still exactly plain enforce's."""
+    from transformers import AutoTokenizer
+
+    from tokenwise_safety.config import DEFAULT_PIVOT
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    pivot = tok(DEFAULT_PIVOT, add_special_tokens=False)["input_ids"]
+    assert len(pivot) >= 12
+    prompt = tok(" ".join(PROMPTS[:2]))["input_ids"] + [flagged[0]]
+    n = len(pivot) + 2
+    plain, spec = gen(plain_on, prompt, n=n, policy=ENFORCE), gen(spec_on, prompt, n=n, policy=ENFORCE)
+    assert _decisions(spec) == _decisions(plain)
+    assert spec["output_ids"][:len(pivot)] == pivot
+    first = spec["meta_info"]["tokenwise_safety"]["interventions"][0]
+    assert first["pivot"] and first["position"] == 0
+    d = int(spec_on.cmd[spec_on.cmd.index("--speculative-num-draft-tokens") + 1])
+    # the prefill emits the pivot's first token; each verify step commits up to d more
+    most = -(-(len(pivot) - 1) // d) + (n - len(pivot)) + 1
+    assert spec["meta_info"]["spec_verify_ct"] <= most < len(pivot) - 1, spec["meta_info"]["spec_verify_ct"]
 
 
 def test_speculation_accepts_drafts_under_enforce(spec_on):

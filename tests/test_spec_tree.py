@@ -3,7 +3,8 @@ import random
 
 import torch
 
-from tokenwise_safety.spec_tree import judged_along_paths, mask_in_parent_rows, parents_of, shift_in
+from tokenwise_safety.spec_tree import (force_in_parent_rows, forced_chain, judged_along_paths, mask_in_parent_rows,
+                                        parents_of, shift_in)
 from tokenwise_safety.trace import judged_harmful
 
 
@@ -123,3 +124,45 @@ def test_a_harmless_sibling_of_a_vetoed_node_is_accepted_and_continued():
     accepted, index, predicts, _ = _verify_after_veto([2], with_sibling=True)
     assert (accepted, index[:3]) == (2, [0, 1, 3])
     assert predicts[1] == 3 and predicts[3] == 5  # C accepted; the bonus from C's row
+
+
+def test_forced_chain_follows_the_pivot_from_the_root():
+    """Row 0: a chain 9 -> 5 -> 6 -> 7 spelling the queue [5, 6, 8]: nodes 1 and 2 (node 3
+    carries 7, not 8). Row 1: a tree whose root has children 4 and 5 (the second spells
+    the queue's 5) and 5 a child 6: nodes 2 and 3. Row 2: no queue. Row 3: the queue's first
+    token is not drafted at all."""
+    first = torch.tensor([[1, 2, 3, -1], [1, -1, 3, -1], [1, 2, 3, -1], [1, 2, 3, -1]])
+    sibling = torch.tensor([[-1, -1, -1, -1], [-1, 2, -1, -1], [-1, -1, -1, -1], [-1, -1, -1, -1]])
+    parent, depth = parents_of(first, sibling)
+    tokens = torch.tensor([[9, 5, 6, 7], [9, 4, 5, 6], [9, 5, 6, 7], [9, 1, 5, 6]])
+    queue = torch.tensor([[5, 6, 8], [5, 6, -1], [-1, -1, -1], [5, 6, -1]])
+    forced = forced_chain(tokens, parent, depth, queue)
+    assert forced.tolist() == [[False, True, True, False], [False, False, True, True],
+                               [False] * 4, [False] * 4]
+    assert not forced_chain(tokens, parent, depth, torch.zeros(4, 0, dtype=torch.long)).any()
+
+
+def test_forced_nodes_are_accepted_by_verify_and_their_rows_put_back():
+    """A chain root -> 5 -> 6 -> 2 whose target rows rank other tokens first: forcing nodes 1
+    and 2 makes the real verify (CPU stand-in of verify_tree_greedy) accept both, and the
+    bonus after node 2 comes from its own unforced row (token 3, not the drafted 2)."""
+    from test_spec_kernels import ops
+
+    first, sibling = [1, 2, 3, -1], [-1, -1, -1, -1]
+    tokens = torch.tensor([[9, 5, 6, 2]])
+    logits = torch.zeros(4, 10)
+    for row, best in enumerate([1, 1, 3, 4]):
+        logits[row, best] = 10.0
+    before = logits.clone()
+    parent, _ = parents_of(torch.tensor([first]), torch.tensor([sibling]))
+    forced = torch.tensor([[False, True, True, False]])
+    rows, saved = force_in_parent_rows(logits, parent, tokens, forced)
+    assert rows.tolist() == [0, 1]
+    assert torch.isinf(logits[0]).sum() == 9 and logits[0, 5] == 0.0 and logits[1, 6] == 0.0
+    predicts, accept_index, accept_num = torch.full((4,), -1), torch.full((1, 4), -1), torch.zeros(1, dtype=torch.long)
+    ops.verify_tree_greedy_cpu(predicts, accept_index, accept_num, tokens, torch.arange(4)[None],
+                               torch.tensor([first]), torch.tensor([sibling]), logits.argmax(dim=-1))
+    assert int(accept_num[0]) == 2 and accept_index[0].tolist()[:3] == [0, 1, 2]
+    assert predicts.tolist()[:3] == [5, 6, 3]
+    logits[rows] = saved
+    assert torch.equal(logits, before)

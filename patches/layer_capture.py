@@ -114,7 +114,8 @@ def _install_speculative_hooks(config) -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from . import harmless_draft, pivot_drafts
-    hooks = pivot_drafts.HOOKS + (harmless_draft.HOOKS if config.get("draft") is not None else ())
+    hooks = (pivot_drafts.HOOKS if pivot_drafts.ENABLED else ()) + \
+        (harmless_draft.HOOKS if config.get("draft") is not None else ())
     for target, hook, kind in hooks:
         if not any(h is hook for _, h, *_ in HookRegistry._hooks.get(target, [])):
             HookRegistry.register(target, hook, HookType[kind])

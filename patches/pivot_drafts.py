@@ -7,6 +7,7 @@ chain from its root; at verify (patches/spec_verify.py) they are the only tokens
 parent rows allow, so one step commits up to D of them. The drafts are only a proposal:
 verify accepts a node only when its token is the pivot's next one, so a drafter this seam
 does not reach (trees with topk >= 2, other algorithms) is still exact, one token a step.
+TOKENWISE_PIVOT_DRAFTS=0 turns both halves off (a pivot then takes one verify step a token).
 
 Hooks (HOOKS, installed by patches/layer_capture.py when a speculative model loads): AFTER
 NGRAMWorker._prepare_draft_tokens rewrites the numpy drafts and tree mask before SGLang
@@ -14,10 +15,15 @@ builds the tree from them; AFTER EagleDraftWorker.draft rewrites the chain's dra
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .enforce import state_of
 
+ENV = "TOKENWISE_PIVOT_DRAFTS"
+# 0: neither placed as drafts nor accepted as drafts at verify: one verify step a pivot token
+ENABLED = os.environ.get(ENV, "1") != "0"
 NGRAM_PREPARE = "sglang.srt.speculative.ngram_worker.NGRAMWorker._prepare_draft_tokens"
 EAGLE_DRAFT = "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker.draft"
 

@@ -30,7 +30,7 @@ from tokenwise_safety.spec_tree import (force_in_parent_rows, forced_chain, judg
                                         parents_of, shift_in)
 from tokenwise_safety.trace import INTERVENTION_KEY, TRACE_KEY
 
-from . import enforce, worker_scoring
+from . import enforce, pivot_drafts, worker_scoring
 
 VERIFY = "sglang.srt.speculative.eagle_utils.eagle_sample"
 logger = logging.getLogger(__name__)
@@ -171,9 +171,9 @@ class _Tree:
         """([n, D-1] the pivot tokens still to force after each request's root, -1 padded;
         [n] how many there are in all), for enforced requests whose next token is the
         pivot's and that hold nothing."""
-        q = torch.full((self.n, self.d - 1), -1, dtype=torch.long)
+        q = torch.full((self.n, self.d - 1 if pivot_drafts.ENABLED else 0), -1, dtype=torch.long)
         queued = torch.zeros(self.n, dtype=torch.long)
-        for i, st in enumerate(self.states):
+        for i, st in enumerate(self.states if pivot_drafts.ENABLED else ()):
             if st.policy.enforce and st.pending_forced and st.deferred_finish is None and i not in self.stops:
                 head = st.pivot_queue[: self.d - 1]
                 q[i, :len(head)] = torch.tensor(head, dtype=torch.long)

@@ -50,7 +50,11 @@ def test_enforce_smoke_one_harmful_prompt(enforce_server):
     assert summary["mode"] == "enforce" and summary["interventions"], summary
     assert len(meta["harm_score"]) == len(ids) == summary["num_scored"]
     assert meta["harm_score"][0] == summary["prompt_score"]
-    assert all(0 <= x["position"] < len(ids) for x in summary["interventions"]), summary["interventions"]
+    for x in summary["interventions"]:  # a stop record sits where the answer ends (nothing from there is sent)
+        if x["stop"]:
+            assert x["position"] == len(ids) and meta["finish_reason"]["type"] == "content_filter", x
+        else:
+            assert 0 <= x["position"] < len(ids), summary["interventions"]
     # Each record sits at the trace index of the score that closed it: a harmful prompt's
     # pivot at 0 (the prompt's score), a re-draw at position p at p + 1 (its replacement's
     # score); one at the last position is never closed (the last token is never scored).

@@ -10,8 +10,10 @@ stock tree verification accepts anything:
   neither accepts it nor draws it as the bonus token;
 - a harmful root is vetoed as in non-speculative enforce: no draft is accepted, the
   root is taken back (patches/rollback.py) and re-drawn from its parent distribution;
-- a request whose next token is not the model's to choose (a pivot being forced, a
-  finish held for its score, a scoring failure under fail-closed) accepts no draft.
+- a pivot being forced is accepted from its drafts (patches/pivot_drafts.py places them):
+  each node that spells its next token is left the only finite logit of its parent row;
+- a request whose next token is not the model's to choose otherwise (a finish held for
+  its score, a scoring failure under fail-closed, a pivot no draft spells) accepts no draft.
 After verification the run each request keeps is committed exactly as a sequential
 decoder would have: vetoed nodes its parent row ranks above the kept token become that
 position's intervention record, more than --safety-max-vetoes of them (or nothing left

@@ -189,8 +189,12 @@ class _Tree:
         self.forced_rows = (None, None)
 
     def fail_all(self) -> None:
-        """A bug in the veto path: every enforced row goes to --safety-on-error."""
+        """A bug in the veto path: every enforced row goes to --safety-on-error, and the
+        logits get back any mask already applied."""
         self._unforce()
+        rows, toks, values = getattr(self, "masked", (None, None, None))
+        if rows is not None:
+            self.logits[rows, toks] = values
         empty = torch.zeros(0, dtype=torch.long, device=self.logits.device)
         self.masked = (empty, empty, self.logits[empty, empty])
         self.forced = torch.zeros_like(self.ok)

@@ -46,9 +46,14 @@ _HOOKS = (
 
 
 def register() -> None:
+    register_hooks(_HOOKS)
+
+
+def register_hooks(hooks) -> None:
+    """Register (target, hook, kind) triples with SGLang's HookRegistry, each once."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    for target, hook, kind in _HOOKS:
+    for target, hook, kind in hooks:
         already = any(h is hook for _, h, *_ in HookRegistry._hooks.get(target, []))
         if not already:
             HookRegistry.register(target, hook, HookType[kind])

@@ -111,14 +111,11 @@ def _install_speculative_hooks(config) -> None:
     """The hooks on SGLang's speculative workers (imported only where one runs): forced
     pivots as drafts, and harmless-first drafting when a draft probe is given. One call
     registers them all: HookRegistry patches a target once, with the hooks it holds then."""
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    from sglang.srt.plugins.hook_registry import HookRegistry
 
-    from . import harmless_draft, pivot_drafts
-    hooks = (pivot_drafts.HOOKS if pivot_drafts.ENABLED else ()) + \
-        (harmless_draft.HOOKS if config.get("draft") is not None else ())
-    for target, hook, kind in hooks:
-        if not any(h is hook for _, h, *_ in HookRegistry._hooks.get(target, [])):
-            HookRegistry.register(target, hook, HookType[kind])
+    from . import harmless_draft, pivot_drafts, register_hooks
+    register_hooks((pivot_drafts.HOOKS if pivot_drafts.ENABLED else ()) +
+                   (harmless_draft.HOOKS if config.get("draft") is not None else ()))
     HookRegistry.apply_hooks()
 
 

@@ -28,16 +28,17 @@ NGRAM_PREPARE = "sglang.srt.speculative.ngram_worker.NGRAMWorker._prepare_draft_
 EAGLE_DRAFT = "sglang.srt.speculative.eagle_worker_v2.EagleDraftWorker.draft"
 
 
+def forcing(st) -> bool:
+    """An enforced request whose next tokens are the pivot's, with nothing held or stopped:
+    the one whose pivot is drafted here and forced from its drafts at verify."""
+    return st is not None and st.policy.enforce and st.pending_forced and bool(st.pivot_queue) \
+        and st.deferred_finish is None and st.stop is None
+
+
 def pivot_heads(reqs, width: int) -> dict[int, list[int]]:
-    """{batch row: the next pivot tokens after its root, at most `width`} for the enforced
-    requests forcing a pivot now (nothing held, no stop)."""
-    heads = {}
-    for i, req in enumerate(reqs):
-        st = state_of(req)
-        if st is not None and st.policy.enforce and st.pending_forced and st.pivot_queue \
-                and st.deferred_finish is None and st.stop is None:
-            heads[i] = list(st.pivot_queue[:width])
-    return heads
+    """{batch row: the next pivot tokens after its root, at most `width`} for the requests
+    forcing a pivot now."""
+    return {i: list(st.pivot_queue[:width]) for i, st in enumerate(map(state_of, reqs)) if forcing(st)}
 
 
 def chain_drafts(drafts: np.ndarray, mask: np.ndarray, d: int, heads: dict[int, list[int]]) -> None:

@@ -171,15 +171,16 @@ class _Tree:
 
     def _queues(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([n, D-1] the pivot tokens still to force after each request's root, -1 padded;
-        [n] how many there are in all), for enforced requests whose next token is the
-        pivot's and that hold nothing."""
-        q = torch.full((self.n, self.d - 1 if pivot_drafts.ENABLED else 0), -1, dtype=torch.long)
+        [n] how many there are in all), for the requests forcing a pivot (pivot_drafts.forcing).
+        No request forcing (the usual step): width 0, so the chain search does nothing."""
+        rows = [i for i, st in enumerate(self.states)
+                if pivot_drafts.ENABLED and i not in self.stops and pivot_drafts.forcing(st)]
+        q = torch.full((self.n, self.d - 1 if rows else 0), -1, dtype=torch.long)
         queued = torch.zeros(self.n, dtype=torch.long)
-        for i, st in enumerate(self.states if pivot_drafts.ENABLED else ()):
-            if st.policy.enforce and st.pending_forced and st.deferred_finish is None and i not in self.stops:
-                head = st.pivot_queue[: self.d - 1]
-                q[i, :len(head)] = torch.tensor(head, dtype=torch.long)
-                queued[i] = len(st.pivot_queue)
+        for i in rows:
+            head = self.states[i].pivot_queue[: self.d - 1]
+            q[i, :len(head)] = torch.tensor(head, dtype=torch.long)
+            queued[i] = len(self.states[i].pivot_queue)
         return q.to(self.logits.device), queued.to(self.logits.device)
 
     def _unforce(self) -> None:

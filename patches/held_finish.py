@@ -1,5 +1,11 @@
 """Seam: the finish check. A finishing token (length, EOS, stop) is held until its own
-state is scored; a request the plugin ends finishes with a content_filter reason."""
+state is scored; a request the plugin ends finishes with a content_filter reason.
+
+Only the request's last output token is ever unscored (the pending token: a decode step's
+new token, a speculative step's bonus). A finish that leaves it out of the answer
+(finished_len short of the output, as when a speculative run crosses max_new_tokens or
+accepts an EOS draft) ends on tokens already scored and judged, so it is not held: holding
+it would cost the request a forward that scores a token nobody receives."""
 from __future__ import annotations
 
 from tokenwise_safety.commit import Intervention
@@ -27,7 +33,7 @@ def around_update_finish(original, req, *args, **kwargs):
         return None
     st.deferred_finish = None
     out = original(req, *args, **kwargs)
-    if req.finished() and not _is_abort(req.finished_reason):
+    if req.finished() and not _is_abort(req.finished_reason) and not _ends_before_pending(req):
         st.deferred_finish = (req.finished_reason, req.finished_len)
         req.finished_reason, req.finished_len = None, None
     return out
@@ -44,6 +50,10 @@ def safety_finish(record: Intervention):
             return {"type": "content_filter", "message": STOP_MESSAGES[record.stop], "reason": record.stop,
                     STOP_RECORD: record.as_dict()}
     return FinishedBySafety()
+
+
+def _ends_before_pending(req) -> bool:
+    return req.finished_len is not None and req.finished_len < len(req.output_ids)
 
 
 def _is_abort(reason) -> bool:

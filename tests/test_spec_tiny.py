@@ -247,3 +247,22 @@ def test_harmless_first_drafting_keeps_outputs_and_accepts_more(plain_on, tiny_m
     print("accepted drafts, verify steps, reranks:", counts)
     assert counts["base"][2] == 0 and counts["first"][2] > 0
     assert counts["first"][0] > counts["base"][0] and counts["first"][1] < counts["base"][1]
+
+
+def test_a_finish_inside_an_accepted_run_costs_no_extra_verify_step(spec_on):
+    """A finish is held one step for its token's score only when that token is the
+    unscored bonus. A run that crosses max_new_tokens at an accepted draft (scored and
+    judged in that verify pass) finishes at once: enforce takes the same verify steps as
+    shadow there, one more where the cap fell on the bonus, never more."""
+    extra = []
+    for prompt in SPEC_PROMPTS:
+        for n in (11, 22):
+            # NGRAM drafts from a corpus of earlier answers: both runs meet it warmed alike
+            gen(spec_on, prompt, n=n), gen(spec_on, prompt, n=n, policy=ENFORCE)
+            shadow, enforced = gen(spec_on, prompt, n=n), gen(spec_on, prompt, n=n, policy=ENFORCE)
+            if enforced["meta_info"]["tokenwise_safety"]["interventions"]:
+                continue  # vetoes change the tokens; only untouched answers compare
+            assert enforced["output_ids"] == shadow["output_ids"]
+            extra.append(enforced["meta_info"]["spec_verify_ct"] - shadow["meta_info"]["spec_verify_ct"])
+    assert len(extra) >= 10 and set(extra) <= {0, 1}, extra
+    assert 0 in extra, extra  # before this, every enforced finish took one step more

@@ -10,7 +10,8 @@ request only, (d) with a forced pivot neither drafted nor accepted from drafts, 
 pivot token (TOKENWISE_PIVOT_DRAFTS=0, the behaviour before pivots were drafted). For each
 workload and batch size the four configurations take turns, run by run, so drift hits
 them alike; run 0 warms up and is discarded. A run sends B concurrent /generate requests
-(greedy, ignore_eos, fixed length) and measures output tokens per second of wall time
+(each of the workload's prompts at least once: at batch 1 one after another; greedy,
+ignore_eos, fixed length) and measures output tokens per second of wall time
 and the mean acceptance length SGLang reports (tokens committed per verify step).
 Workloads: "ngram" (rewrites that repeat their input: what NGRAM drafts well), "general"
 (open-ended benign chat) and "harmful" (requests the probe flags; enforce steers them).
@@ -64,8 +65,8 @@ def one_run(url: str, prompts: list[str], batch: int, tokens: int, policy: dict 
         return meta["completion_tokens"], meta.get("spec_verify_ct")
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(batch) as pool:
-        results = list(pool.map(send, range(batch)))
+    with ThreadPoolExecutor(batch) as pool:  # every prompt at least once, B at a time
+        results = list(pool.map(send, range(max(batch, len(prompts)))))
     seconds = time.perf_counter() - start
     done = sum(n for n, _ in results)
     steps = sum(v for _, v in results if v)

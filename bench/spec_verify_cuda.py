@@ -40,15 +40,19 @@ cover a row's whole (top-k) support and uses the largest coin below 1.0.
 
 Checked for every masked run: (1) no vetoed node is accepted; (2) the token drawn at the
 end, predicts[last accepted], is not a vetoed token of that row (and, counted apart, not
-any -inf token of the masked row); (3) a forced chain is accepted whole (the accepted path
+any -inf token of the masked row): for the sampled kernel on what the plugin commits (row
+"sampled+commit": spec_tree.unmask_drawn, as patches/spec_verify.py runs it), the raw
+draw is recorded as information (SGLang's fallback to token vocab-1 when nothing is left
+to sample can draw a masked token); (3) a forced chain is accepted whole (the accepted path
 begins with it) where it fits the accept width; (4) greedy: CUDA VerifyTreeGreedy and the
 CPU stand-in give identical predicts / accept_index / accept_num (unmasked runs too). Mean
 accepted drafts per request, unmasked vs masked, are recorded as information.
 
     python bench/spec_verify_cuda.py --out bench/results/spec_verify_cuda.json
 
-bench/results/spec_verify_cuda.json came from `--cases 3000 --edge-cases 2000 --max-seconds 150
---budget-seconds 270` on an H200 (torch 2.11+cu130, nvcc 13.0). `--cpu-dry-run` runs the
+bench/results/spec_verify_cuda.json came from `--cases 800 --edge-cases 3000 --max-seconds 110
+--budget-seconds 200` on an H200 (torch 2.11+cu130, nvcc 13.0), with the headers from
+bench/spec_verify_cuda_headers.sh carried in .gpu/. `--cpu-dry-run` runs the
 harness on CPU with Python stand-ins for both kernels (no GPU; checks the harness only).
 
 Prints a table, writes JSON to --out; exit 1 on any violation, 2 if a kernel could not be
@@ -750,8 +754,34 @@ def run_case(i, rng, family, kernels, ops, st, helpers, rows, device):
                 row["bonus_zero_prob"] += int(not 0 <= bonus < case["vocab"]
                                               or float(probs[b * n + p[-1], bonus]) == 0.0)
             pred, acc, num, probs = run_sampled(kernels["sampled"], case, masked, device, seed)
-            check_masked(row, case, accepted_paths(case, acc, num), pred, masked_cpu, blocked, forced,
-                         probs=probs, example=example)
+            paths_masked = accepted_paths(case, acc, num)
+            check_masked(row, case, paths_masked, pred, masked_cpu, blocked, forced, probs=probs, example=example)
+            # What the plugin commits from that draw (patches/spec_verify.py _no_masked_bonus).
+            kept = rows.setdefault((family, "sampled+commit"), new_row(family, "sampled+commit"))
+            for key in ("cases", "requests"):
+                kept[key] += 1 if key == "cases" else bs
+            kept["vetoed_nodes"] += int(blocked.sum())
+            kept["forced_chains"] += int(forced.any(dim=1).sum())
+            committed = commit_bonus(st, case, logits, blocked, paths_masked, pred, device)
+            check_masked(kept, case, paths_masked, committed, masked_cpu, blocked, forced, probs=probs,
+                         example={**example, "kernel": "sampled+commit"})
+
+
+def commit_bonus(st, case, logits, blocked, paths, pred, device):
+    """Each request's bonus as patches/spec_verify.py commits it: verify's draw, or, where
+    that is a token the vetoes masked (-inf), the row's best finite token
+    (spec_tree.unmask_drawn, run with the veto masks on and the forced rows put back)."""
+    n = case["n"]
+    vetoed = logits.clone()
+    st.mask_in_parent_rows(vetoed, case["parent"].to(device), case["tokens"].to(device), blocked.to(device))
+    out = pred.to(device).clone()
+    rows = torch.tensor([b * n + q[-1] for b, q in enumerate(paths) if q is not None], dtype=torch.long,
+                        device=device)
+    if rows.numel():
+        drawn = out[rows]
+        st.unmask_drawn(vetoed, rows, drawn)
+        out[rows] = drawn
+    return out.cpu()
 
 
 # ---- a CPU stand-in for both kernels, to exercise this harness without a GPU ----------------
@@ -880,19 +910,22 @@ def main(argv=None) -> int:
                 break
     seconds = round(time.monotonic() - start, 1)
 
-    header = (f"{'family':7s} {'kernel':8s} {'cases':>6s} {'reqs':>6s} {'vetoed':>7s} {'chains':>6s} "
+    header = (f"{'family':7s} {'kernel':14s} {'cases':>6s} {'reqs':>6s} {'vetoed':>7s} {'chains':>6s} "
               + " ".join(f"{p:>11.11s}" for p in PROPS) + f" {'acc_unmask':>10s} {'acc_mask':>9s} {'zero_p':>7s}")
     print("\n" + header)
     for r in rows.values():
         reqs = max(r["requests"], 1)
         r["mean_accept_unmasked"] = round(r["accepted_unmasked"] / reqs, 4)
         r["mean_accept_masked"] = round(r["accepted_masked"] / reqs, 4)
-        print(f"{r['family']:7s} {r['kernel']:8s} {r['cases']:6d} {r['requests']:6d} {r['vetoed_nodes']:7d} "
+        print(f"{r['family']:7s} {r['kernel']:14s} {r['cases']:6d} {r['requests']:6d} {r['vetoed_nodes']:7d} "
               f"{r['forced_chains']:6d} " + " ".join(f"{r['violations'][p]:11d}" for p in PROPS)
               + f" {r['mean_accept_unmasked']:10.3f} {r['mean_accept_masked']:9.3f}"
               + f" {r['bonus_zero_prob']}/{r['bonus_zero_prob_masked']}"
               + f" (V-1: {r['bonus_zero_prob_masked_is_vocab_minus_1']})")
-    total_viol = {p: sum(r["violations"][p] for r in rows.values()) for p in PROPS}
+    # The raw sampled row's bonus is SGLang's draw before the plugin commits it: its
+    # "sampled+commit" row holds what the client can get; the raw one is information.
+    raw_bonus = lambda r, p: r["kernel"] == "sampled" and p.startswith("bonus_")  # noqa: E731
+    total_viol = {p: sum(r["violations"][p] for r in rows.values() if not raw_bonus(r, p)) for p in PROPS}
     for k, e in errors.items():
         print(f"\n{k} could not build/run:\n{e}", file=sys.stderr)
     headers = args.headers
@@ -919,6 +952,9 @@ def main(argv=None) -> int:
         "ok": len(kernels) == 2 and not any(total_viol.values())
         and all(k.endswith("load_inline") and k.split()[0] in kernels for k in errors),
         "notes": ["accept lengths are accepted drafts per request (bonus token not counted)",
+                  "the 'sampled' rows' bonus_* columns are the kernel's draw before the plugin's commit "
+                  "(information, not counted in 'violations'); 'sampled+commit' rows hold the committed bonus "
+                  "(patches/spec_verify.py replaces a drawn -inf token by its row's best finite one)",
                   "zero_p column: bonus tokens with zero target probability, unmasked/masked (sampled kernel "
                   "fallback sampled_id = vocab-1 when nothing is left to sample), information only",
                   "bonus_zero_prob_masked_is_vocab_minus_1: of the masked zero-probability bonus tokens, how many "

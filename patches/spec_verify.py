@@ -29,7 +29,7 @@ import torch
 from tokenwise_safety import metrics
 from tokenwise_safety.commit import Intervention
 from tokenwise_safety.spec_tree import (force_in_parent_rows, forced_chain, judged_along_paths, mask_in_parent_rows,
-                                        parents_of, shift_in)
+                                        parents_of, shift_in, unmask_drawn)
 from tokenwise_safety.trace import INTERVENTION_KEY, TRACE_KEY
 
 from . import enforce, pivot_drafts, worker_scoring
@@ -216,6 +216,7 @@ class _Tree:
         lens = accept_lens.tolist()  # the step's host sync (SGLang syncs on it anyway)
         paths = accept_index.tolist()
         dev = self.logits.device
+        self._no_masked_bonus(predict, paths, lens)
         next_ids = torch.zeros(self.n, dtype=torch.long, device=dev)
         entries: list[list] = [[None] * lens[i] for i in range(self.n)]
         # A harmful root: the non-speculative veto, from the root's stored parent row.
@@ -247,6 +248,19 @@ class _Tree:
         self._keep_history(local, lens)
         self._publish(local, lens, entries)
         enforce._Step.rollback = sorted(set(self.rollback))
+
+    def _no_masked_bonus(self, predict, paths, lens) -> None:
+        """Sampled verify on CUDA can draw a vetoed token as the bonus (its fallback when
+        nothing is left to sample): an enforced request gets its row's best finite token."""
+        enforced = [i for i, st in enumerate(self.states) if st.policy.enforce and i not in self.stops]
+        if not enforced:
+            return
+        dev = self.logits.device
+        rows = torch.tensor([paths[i][lens[i] - 1] for i in enforced], device=dev)
+        drawn = predict[rows]
+        if bool(unmask_drawn(self.logits, rows, drawn).any()):
+            logger.warning("tokenwise safety: verify drew a masked token as the bonus; the row's best kept instead")
+            predict[rows] = drawn
 
     def _force(self, i, st, next_ids, predict, paths, lens) -> int | None:
         """A pivot being forced: its tokens are the run's first tokens (accepted drafts

@@ -112,3 +112,15 @@ def force_in_parent_rows(logits: torch.Tensor, parent: torch.Tensor, tokens: tor
     logits[rows] = float("-inf")
     logits[rows, toks] = saved[torch.arange(rows.numel(), device=rows.device), toks]
     return rows, saved
+
+
+def unmask_drawn(logits: torch.Tensor, rows: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """Where a verify kernel drew a token its (masked) row gives -inf, the row's best finite
+    token instead; returns which rows were replaced. Greedy never does this; SGLang's CUDA
+    sampled verify does when the residual it samples the bonus from is empty (every
+    candidate of the row was drafted and rejected, coin near 1): it falls back to token
+    vocab-1 whatever its logit, which can be a vetoed one (bench/spec_verify_cuda.py)."""
+    bad = torch.isneginf(logits[rows, drawn.long()])
+    if bool(bad.any()):
+        drawn[bad] = logits[rows[bad]].argmax(dim=-1).to(drawn.dtype)
+    return bad

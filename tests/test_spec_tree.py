@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokenwise_safety.spec_tree import (force_in_parent_rows, forced_chain, judged_along_paths, mask_in_parent_rows,
-                                        parents_of, shift_in)
+                                        parents_of, shift_in, unmask_drawn)
 from tokenwise_safety.trace import judged_harmful
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -186,3 +186,19 @@ def test_forced_nodes_are_accepted_by_verify_and_their_rows_put_back(device):
     assert predicts.tolist()[:3] == [5, 6, 3]
     logits[rows] = saved
     assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_masked_token_drawn_as_the_bonus_is_replaced_by_the_rows_best(device):
+    """SGLang's sampled verify falls back to token vocab-1 when nothing is left to sample,
+    whatever its logit (seen on the H200: bench/spec_verify_cuda.py). The commit keeps the
+    row's best finite token instead; a finite draw is left alone."""
+    logits = torch.tensor([[0.0, 2.0, 1.0, 0.5], [0.0, 2.0, 1.0, 0.5], [3.0, 0.0, 1.0, 0.5]], device=device)
+    parent = torch.tensor([[-1, 0, 0]], device=device)
+    tokens = torch.tensor([[0, 3, 1]], device=device)
+    mask_in_parent_rows(logits, parent, tokens, torch.tensor([[False, True, True]], device=device))
+    rows = torch.tensor([0, 2], device=device)
+    drawn = torch.tensor([3, 2], dtype=torch.int32, device=device)  # row 0: the vetoed 3; row 2: finite
+    replaced = unmask_drawn(logits, rows, drawn)
+    assert replaced.tolist() == [True, False]
+    assert drawn.tolist() == [2, 2] and drawn.dtype == torch.int32

@@ -85,8 +85,10 @@ def _add_judge_args(group) -> None:
                             "request's KV: only the judge suffix is computed) and let the verdict decide. "
                             "shadow: judge and record in the trace, decide by the probe alone.")
     group.add_argument("--safety-judge-band", default=None, metavar="LOW,HIGH",
-                       help="Probe scores (P(harmful)) the verdict decides for "
-                            f"(default {self_judge.JudgeConfig.low},{self_judge.JudgeConfig.high}).")
+                       help="Probe scores (P(harmful)) the verdict decides for (default: from the probe's "
+                            "calibration record, the lowest to the highest of its leave-one-source-out "
+                            "thresholds and the served threshold; "
+                            f"{self_judge.JudgeConfig.low},{self_judge.JudgeConfig.high} for a probe without one).")
     group.add_argument("--safety-judge-every", type=int, default=self_judge.JudgeConfig.every,
                        help="Output positions a verdict stands for: at most one judge pass per request "
                             "per this many tokens.")
@@ -197,8 +199,7 @@ def _judge_config(args: argparse.Namespace, cfg: SafetyConfig, model_path: str) 
     mode = getattr(args, "safety_self_judge", "off")
     band = getattr(args, "safety_judge_band", None)
     try:
-        low, high = (float(x) for x in band.split(",")) if band else (self_judge.JudgeConfig.low,
-                                                                     self_judge.JudgeConfig.high)
+        low, high = (float(x) for x in band.split(",")) if band else _default_band(cfg, mode)
     except ValueError:
         raise ConfigError(f"--safety-judge-band {band!r}: use LOW,HIGH (two numbers)") from None
     try:
@@ -215,6 +216,17 @@ def _judge_config(args: argparse.Namespace, cfg: SafetyConfig, model_path: str) 
                               "launch with one or the other")
         _check_judge_tokenizer(model_path, jc)
     return dataclasses.asdict(jc)
+
+
+def _default_band(cfg: SafetyConfig, mode: str) -> tuple[float, float]:
+    """The served probe's calibration band (self_judge.calibration_band), else the fixed one
+    (judging off, a token-id scorer, a probe whose record has no leave-one-source-out folds)."""
+    fixed = (self_judge.JudgeConfig.low, self_judge.JudgeConfig.high)
+    if mode == "off" or cfg.scorer != "probe":
+        return fixed
+    meta = HarmProbe.load(cfg.probe_path).meta
+    threshold = cfg.threshold if cfg.threshold is not None else meta.threshold
+    return self_judge.calibration_band(meta.metrics, threshold) or fixed
 
 
 def _check_judge_tokenizer(model_path: str, jc) -> None:

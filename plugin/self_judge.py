@@ -32,8 +32,8 @@ class JudgeSetupError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class JudgeConfig:
     mode: str = "off"
-    low: float = 0.2  # the uncertain band on the probe's P(harmful)
-    high: float = 0.9
+    low: float = 0.2  # the uncertain band on the probe's P(harmful); the launch default is
+    high: float = 0.9  # calibration_band's where the probe's record allows, else these
     every: int = 16  # output positions a verdict stands for
     verdict_threshold: float = 0.2  # on P(yes) / (P(yes) + P(no)); DEV's choice, as the question
     question: str = DEFAULT_QUESTION
@@ -49,6 +49,20 @@ class JudgeConfig:
             raise ValueError(f"--safety-judge-threshold {self.verdict_threshold} must lie strictly between 0 and 1")
         if not self.question.strip():
             raise ValueError("--safety-judge-question must not be empty")
+
+
+def calibration_band(metrics: dict, threshold: float) -> tuple[float, float] | None:
+    """The probe's own uncertain band, from its calibration record: the lowest to the
+    highest of the thresholds its leave-one-source-out folds chose (each fold fitted and
+    thresholded with one training source held out) and the threshold served. Below it
+    every fold calls a score benign, above it harmful; inside it they disagree about the
+    very score, which is where a second opinion should decide. None: no such record."""
+    folds = (metrics or {}).get("leave_one_source_out", {}).get("per_source", {})
+    found = [float(f["threshold"]) for f in folds.values() if isinstance(f, dict) and f.get("threshold") is not None]
+    if not found:
+        return None
+    found.append(float(threshold))
+    return min(found), max(found)
 
 
 def suffix_text(tokenizer, question: str) -> str:

@@ -117,3 +117,30 @@ def test_overlap_and_speculation_rule_judging_out(tiny_model, tiny_probe):
         _judge_config(_args(speculative_algorithm="NGRAM"), SafetyConfig(probe_path=tiny_probe), str(tiny_model))
     assert _judge_config(_args(safety_self_judge="off", speculative_algorithm="NGRAM"),
                          SafetyConfig(probe_path=tiny_probe), str(tiny_model))["mode"] == "off"
+
+
+def test_the_calibration_band_spans_the_folds_thresholds_and_the_served_one():
+    record = {"leave_one_source_out": {"per_source": {
+        "a": {"threshold": 0.991}, "b": {"threshold": 0.9963}, "c": {"threshold": None}, "d": {"auroc": {}}}}}
+    assert self_judge.calibration_band(record, 0.997) == (0.991, 0.997)
+    assert self_judge.calibration_band(record, 0.5) == (0.5, 0.9963)  # an operator's --safety-threshold
+    assert self_judge.calibration_band({}, 0.997) is None
+
+
+def test_the_default_band_comes_from_the_served_probes_record(tiny_model, tiny_probe):
+    """The shipped Qwen2.5-Coder-1.5B probe: folds 0.9905-0.997, served 0.99699. A probe
+    without leave-one-source-out folds (the tiny test probe) keeps the fixed band; a band
+    given at launch wins."""
+    from pathlib import Path
+
+    from tokenwise_safety.config import SafetyConfig
+    from tokenwise_safety.patches.server_args import _judge_config
+    qwen = Path(self_judge.__file__).parent / "probes" / "qwen-1.5b.json"
+    judge = _judge_config(_args(), SafetyConfig(probe_path=qwen), str(tiny_model))
+    assert (judge["low"], judge["high"]) == pytest.approx((0.9905, 0.997), abs=1e-4)
+    judge = _judge_config(_args(), SafetyConfig(probe_path=qwen, threshold=0.9), str(tiny_model))
+    assert (judge["low"], judge["high"]) == pytest.approx((0.9, 0.997), abs=1e-4)
+    judge = _judge_config(_args(), SafetyConfig(probe_path=tiny_probe), str(tiny_model))
+    assert (judge["low"], judge["high"]) == (JudgeConfig.low, JudgeConfig.high)
+    judge = _judge_config(_args(safety_judge_band="0.3,0.6"), SafetyConfig(probe_path=qwen), str(tiny_model))
+    assert (judge["low"], judge["high"]) == (0.3, 0.6)

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,8 +113,28 @@ def server_env() -> dict:
     return env
 
 
+_LIVE: set["Server"] = set()  # servers this process started and has not stopped
+
+
+def _stop_live_then_die(signum, _frame) -> None:
+    """SIGTERM (a CI timeout, `kill`, a cancelled job): the servers run in sessions of their
+    own, so nothing else would stop them. Stop each, then die of the signal as before."""
+    for server in list(_LIVE):
+        server.stop()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _guard_sigterm() -> None:
+    """Install the handler once, from the main thread, where nobody set one of their own."""
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _stop_live_then_die)
+
+
 class Server:
-    """A running `sglang.launch_server`; `with Server(...) as s: requests.post(s.url + ...)`."""
+    """A running `sglang.launch_server`; `with Server(...) as s: requests.post(s.url + ...)`.
+    A SIGTERM to this process stops it too (it runs in a session of its own)."""
 
     def __init__(self, model_path, safety: list[str] | None = None, extra: list[str] = (),
                  port: int | None = None, log_path: str | Path | None = None, timeout: float = 300,
@@ -134,8 +155,10 @@ class Server:
         else:
             out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
             err = subprocess.STDOUT
+        _guard_sigterm()
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=err,
                                      start_new_session=True)
+        _LIVE.add(self)
         self._wait_ready()
         return self
 
@@ -160,6 +183,7 @@ class Server:
         return "(no log)"
 
     def stop(self) -> None:
+        _LIVE.discard(self)
         if self.proc is None or self.proc.poll() is not None:
             return
         pgid = os.getpgid(self.proc.pid)

@@ -3,6 +3,7 @@ CPU, and every server started through launch.server sleeps when idle."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -166,3 +167,39 @@ def test_embedded_default_says_which_dtype_and_why(bundled_model):
     lines = done.stderr.splitlines()
     assert lines[0] == f"[tokenwise serve] dtype {dtype}: {why} (override: --dtype)"
     assert f"--dtype {dtype}" in lines[1] and "--sleep-on-idle" in lines[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its reaper is not serving
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_sigterm_to_the_caller_stops_its_servers(tiny_model, tmp_path):
+    """Servers run in sessions of their own, so a bench or test run killed by SIGTERM (a CI
+    timeout, `kill`) left them serving; now the caller stops them, then dies of the signal."""
+    script = (f"import time\nfrom tokenwise_safety.launch.server import Server\n"
+              f"s = Server({str(tiny_model)!r}, safety=None, extra=['--dtype', 'float32'], "
+              f"log_path={str(tmp_path / 'term.log')!r}).start()\n"
+              "print(s.proc.pid, flush=True)\ntime.sleep(600)\n")
+    caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pid = int(caller.stdout.readline())
+    try:
+        assert _alive(pid)
+        caller.send_signal(signal.SIGTERM)
+        assert caller.wait(timeout=90) == -signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _alive(pid)
+    finally:
+        caller.kill()
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -94,11 +94,25 @@ def load_by_path(name: str, path: Path):
 # ---- the kernels, compiled from SGLang's sources ------------------------------------------
 
 # Torch-free: the launchers, exactly as SGLang's wrappers launch the templates (the
-# TensorMatcher checks are redone in the torch wrappers below). TW_NO_TORCH leaves the
-# torch part out, for a compile check without torch headers.
+# TensorMatcher checks are redone in the torch wrappers below, with the shared tw_check).
+# TW_NO_TORCH leaves the torch part out, for a compile check without torch headers;
+# TW_CTYPES adds the plain-C entry points of the fallback build.
 CUDA_COMMON = r"""
 #include <cstdint>
 #include <cuda_runtime.h>
+
+#ifndef TW_NO_TORCH
+static void tw_check(const torch::Tensor& t, c10::ScalarType dtype, std::vector<int64_t> shape, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be on CUDA");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " has the wrong dtype");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.sizes().vec() == shape, name, " has the wrong shape");
+}
+#endif
+
+#ifdef TW_CTYPES
+extern "C" const char* tw_c_error(int err) { return cudaGetErrorString((cudaError_t)err); }
+#endif
 """
 
 CUDA_GREEDY = CUDA_COMMON + r"""
@@ -117,13 +131,6 @@ cudaError_t tw_launch_greedy(int32_t* predicts, int32_t* accept_index, int32_t* 
 }
 
 #ifndef TW_NO_TORCH
-static void tw_check(const torch::Tensor& t, c10::ScalarType dtype, std::vector<int64_t> shape, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be on CUDA");
-  TORCH_CHECK(t.scalar_type() == dtype, name, " has the wrong dtype");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.sizes().vec() == shape, name, " has the wrong shape");
-}
-
 void tw_greedy(torch::Tensor predicts, torch::Tensor accept_index, torch::Tensor accept_token_num,
                torch::Tensor candidates, torch::Tensor retrive_index, torch::Tensor retrive_next_token,
                torch::Tensor retrive_next_sibling, torch::Tensor target_predict, int64_t stream) {
@@ -154,7 +161,6 @@ extern "C" int tw_c_greedy(void* predicts, void* accept_index, void* accept_toke
                                (int64_t*)retrive_next_sibling, (int64_t*)target_predict, batch_size, spec_tokens,
                                draft_tokens, (cudaStream_t)stream);
 }
-extern "C" const char* tw_c_error(int err) { return cudaGetErrorString((cudaError_t)err); }
 #endif
 """
 
@@ -212,13 +218,6 @@ cudaError_t tw_launch_sample_any(int32_t* predicts, int32_t* accept_index, int32
 }
 
 #ifndef TW_NO_TORCH
-static void tw_check(const torch::Tensor& t, c10::ScalarType dtype, std::vector<int64_t> shape, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be on CUDA");
-  TORCH_CHECK(t.scalar_type() == dtype, name, " has the wrong dtype");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.sizes().vec() == shape, name, " has the wrong shape");
-}
-
 void tw_sample(torch::Tensor predicts, torch::Tensor accept_index, torch::Tensor accept_token_num,
                torch::Tensor candidates, torch::Tensor retrive_index, torch::Tensor retrive_next_token,
                torch::Tensor retrive_next_sibling, torch::Tensor uniform_samples,
@@ -262,7 +261,6 @@ extern "C" int tw_c_sample(void* predicts, void* accept_index, void* accept_toke
                                    (float*)draft_probs, batch_size, spec_tokens, draft_tokens, vocab_size,
                                    threshold_single, threshold_acc, (cudaStream_t)stream);
 }
-extern "C" const char* tw_c_error(int err) { return cudaGetErrorString((cudaError_t)err); }
 #endif
 """
 

@@ -18,7 +18,7 @@ from tokenwise_safety.config import (DEFAULT_PIVOT, MODES, ON_ERROR, PLUGINS, TR
 from tokenwise_safety import admission, self_judge
 from tokenwise_safety.policy import OVERRIDE_KEY_ENV
 from tokenwise_safety.scoring import parse_token_ids
-from tokenwise_safety.probe import HarmProbe, ProbeError, model_fingerprint, sha256_file
+from tokenwise_safety.probe import HarmProbe, ProbeError, ProbeMeta, model_fingerprint, sha256_file
 
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
@@ -143,8 +143,8 @@ def validate(args: argparse.Namespace, model_path: str) -> dict:
             parse_token_ids(cfg.scorer)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    judge = _judge_config(args, cfg, model_path)
     probe = HarmProbe.load(cfg.probe_path)
+    judge = _judge_config(args, cfg, model_path, probe.meta)
     model_cfg = _read_model_config(model_path)
     if model_cfg is None:
         print(f"tokenwise-safety: note: {model_path} is not a local model folder; the probe's hidden-size "
@@ -194,12 +194,12 @@ def _draft_config(args: argparse.Namespace, cfg: SafetyConfig) -> dict | None:
             else probe.threshold}
 
 
-def _judge_config(args: argparse.Namespace, cfg: SafetyConfig, model_path: str) -> dict:
+def _judge_config(args: argparse.Namespace, cfg: SafetyConfig, model_path: str, meta: ProbeMeta) -> dict:
     """The self-judgment settings, checked against the launch and the served tokenizer."""
     mode = getattr(args, "safety_self_judge", "off")
     band = getattr(args, "safety_judge_band", None)
     try:
-        low, high = (float(x) for x in band.split(",")) if band else _default_band(cfg, mode)
+        low, high = (float(x) for x in band.split(",")) if band else _default_band(cfg, mode, meta)
     except ValueError:
         raise ConfigError(f"--safety-judge-band {band!r}: use LOW,HIGH (two numbers)") from None
     try:
@@ -218,13 +218,12 @@ def _judge_config(args: argparse.Namespace, cfg: SafetyConfig, model_path: str) 
     return dataclasses.asdict(jc)
 
 
-def _default_band(cfg: SafetyConfig, mode: str) -> tuple[float, float]:
+def _default_band(cfg: SafetyConfig, mode: str, meta: ProbeMeta) -> tuple[float, float]:
     """The served probe's calibration band (self_judge.calibration_band), else the fixed one
     (judging off, a token-id scorer, a probe whose record has no leave-one-source-out folds)."""
     fixed = (self_judge.JudgeConfig.low, self_judge.JudgeConfig.high)
     if mode == "off" or cfg.scorer != "probe":
         return fixed
-    meta = HarmProbe.load(cfg.probe_path).meta
     threshold = cfg.threshold if cfg.threshold is not None else meta.threshold
     return self_judge.calibration_band(meta.metrics, threshold) or fixed
 

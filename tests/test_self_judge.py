@@ -86,6 +86,13 @@ def test_p_yes_of_equal_logits_is_the_count_share():
     assert math.isclose(float(self_judge.p_yes(torch.zeros(1, 3), torch.tensor([0]), torch.tensor([1]))[0]), 0.5)
 
 
+def judge_config(args, cfg, model):
+    """server_args._judge_config with the probe's metadata, as validate hands it over."""
+    from tokenwise_safety.patches.server_args import _judge_config
+    from tokenwise_safety.probe import HarmProbe
+    return _judge_config(args, cfg, model, HarmProbe.load(cfg.probe_path).meta)
+
+
 def _args(**flags):
     import argparse
     base = {"safety_self_judge": "on", "safety_judge_band": None, "safety_judge_every": 16,
@@ -103,20 +110,18 @@ def _args(**flags):
 def test_launch_settings_are_checked_with_the_flag_named(tiny_model, tiny_probe, flags, message):
     """The launch-level refusals (one line, server never starts) are in test_startup_refusals."""
     from tokenwise_safety.config import ConfigError, SafetyConfig
-    from tokenwise_safety.patches.server_args import _judge_config
     with pytest.raises(ConfigError, match=message):
-        _judge_config(_args(**flags), SafetyConfig(probe_path=tiny_probe), str(tiny_model))
+        judge_config(_args(**flags), SafetyConfig(probe_path=tiny_probe), str(tiny_model))
 
 
 def test_overlap_and_speculation_rule_judging_out(tiny_model, tiny_probe):
     from tokenwise_safety.config import ConfigError, SafetyConfig
-    from tokenwise_safety.patches.server_args import _judge_config
     with pytest.raises(ConfigError, match="needs enforce"):
-        _judge_config(_args(), SafetyConfig(probe_path=tiny_probe, keep_overlap=True), str(tiny_model))
+        judge_config(_args(), SafetyConfig(probe_path=tiny_probe, keep_overlap=True), str(tiny_model))
     with pytest.raises(ConfigError, match="not supported with --speculative-algorithm"):
-        _judge_config(_args(speculative_algorithm="NGRAM"), SafetyConfig(probe_path=tiny_probe), str(tiny_model))
-    assert _judge_config(_args(safety_self_judge="off", speculative_algorithm="NGRAM"),
-                         SafetyConfig(probe_path=tiny_probe), str(tiny_model))["mode"] == "off"
+        judge_config(_args(speculative_algorithm="NGRAM"), SafetyConfig(probe_path=tiny_probe), str(tiny_model))
+    assert judge_config(_args(safety_self_judge="off", speculative_algorithm="NGRAM"),
+                        SafetyConfig(probe_path=tiny_probe), str(tiny_model))["mode"] == "off"
 
 
 def test_the_calibration_band_spans_the_folds_thresholds_and_the_served_one():
@@ -134,13 +139,12 @@ def test_the_default_band_comes_from_the_served_probes_record(tiny_model, tiny_p
     from pathlib import Path
 
     from tokenwise_safety.config import SafetyConfig
-    from tokenwise_safety.patches.server_args import _judge_config
     qwen = Path(self_judge.__file__).parent / "probes" / "qwen-1.5b.json"
-    judge = _judge_config(_args(), SafetyConfig(probe_path=qwen), str(tiny_model))
+    judge = judge_config(_args(), SafetyConfig(probe_path=qwen), str(tiny_model))
     assert (judge["low"], judge["high"]) == pytest.approx((0.9905, 0.997), abs=1e-4)
-    judge = _judge_config(_args(), SafetyConfig(probe_path=qwen, threshold=0.9), str(tiny_model))
+    judge = judge_config(_args(), SafetyConfig(probe_path=qwen, threshold=0.9), str(tiny_model))
     assert (judge["low"], judge["high"]) == pytest.approx((0.9, 0.997), abs=1e-4)
-    judge = _judge_config(_args(), SafetyConfig(probe_path=tiny_probe), str(tiny_model))
+    judge = judge_config(_args(), SafetyConfig(probe_path=tiny_probe), str(tiny_model))
     assert (judge["low"], judge["high"]) == (JudgeConfig.low, JudgeConfig.high)
-    judge = _judge_config(_args(safety_judge_band="0.3,0.6"), SafetyConfig(probe_path=qwen), str(tiny_model))
+    judge = judge_config(_args(safety_judge_band="0.3,0.6"), SafetyConfig(probe_path=qwen), str(tiny_model))
     assert (judge["low"], judge["high"]) == (0.3, 0.6)

@@ -25,13 +25,10 @@ def after_collect_info(result, processor, i, req, logits_output, *a, **kw):
         return result
     st.vetoed_now = False
     info = req.customized_info or {}
-    per_token = [info.get(key) for key in (TRACE_KEY, INTERVENTION_KEY, JUDGE_KEY)]
     if st.stop is not None and req.finished():
-        for values in per_token:
-            if values is not None:
-                del values[req.finished_len:]
+        _cut_at_stop(info, req.finished_len)
         return result
-    for values in per_token:
+    for values in (info.get(key) for key in (TRACE_KEY, INTERVENTION_KEY, JUDGE_KEY)):
         if values:
             values.pop()
     return result
@@ -59,9 +56,26 @@ def _fold_final(info: dict | None, kept: int | None) -> None:
         if not tail:
             continue
         if key == JUDGE_KEY:
-            values[kept - 1] = (values[kept - 1] or []) + [record for v in tail for record in v]
+            _add_judged(values, kept, [record for v in tail for record in v])
         elif values[kept - 1] is None and len(tail) == 1:
             values[kept - 1] = tail[0]
+
+
+def _cut_at_stop(info: dict, kept: int) -> None:
+    """A request the plugin ended keeps one entry per emitted token. The judge passes of the
+    withheld token's step (often the reason it ended) move into the last kept entry instead
+    of being cut with it; with no token emitted there is no entry to keep them."""
+    judged = info.get(JUDGE_KEY)
+    if judged and kept:
+        _add_judged(judged, kept, [record for v in judged[kept:] if v for record in v])
+    for key in (TRACE_KEY, INTERVENTION_KEY, JUDGE_KEY):
+        if info.get(key) is not None:
+            del info[key][kept:]
+
+
+def _add_judged(values: list, kept: int, records: list) -> None:
+    if records:
+        values[kept - 1] = (values[kept - 1] or []) + records
 
 
 def _within(entry, kept: int):

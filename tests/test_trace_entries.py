@@ -29,3 +29,18 @@ def test_an_intervention_never_overwrites_one_already_kept():
     info = {INTERVENTION_KEY: [None, None, None, kept_one, VETO]}
     _fold_final(info, kept=4)
     assert info[INTERVENTION_KEY][3] == kept_one
+
+
+def test_a_stop_keeps_the_judge_passes_of_the_withheld_token():
+    """The plugin ends the request at position 3 (not emitted): the judge pass of that step,
+    whose verdict confirmed the veto, moves into the last emitted entry."""
+    from tokenwise_safety.patches.trace_entries import _cut_at_stop
+    from tokenwise_safety.trace import TRACE_KEY
+    info = {TRACE_KEY: [0.1, 0.2, 0.3, 0.99], INTERVENTION_KEY: [None, None, None, None],
+            JUDGE_KEY: [None, [{"position": 1}], None, [{"position": 3, "effect": "confirmed"}]]}
+    _cut_at_stop(info, kept=3)
+    assert info[TRACE_KEY] == [0.1, 0.2, 0.3] and info[INTERVENTION_KEY] == [None, None, None]
+    assert info[JUDGE_KEY] == [None, [{"position": 1}], [{"position": 3, "effect": "confirmed"}]]
+    nothing_emitted = {TRACE_KEY: [0.99], JUDGE_KEY: [[{"position": 0}]]}
+    _cut_at_stop(nothing_emitted, kept=0)
+    assert nothing_emitted == {TRACE_KEY: [], JUDGE_KEY: []}

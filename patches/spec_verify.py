@@ -258,7 +258,7 @@ class _Tree:
         dev = self.logits.device
         rows = torch.tensor([paths[i][lens[i] - 1] for i in enforced], device=dev)
         drawn = predict[rows]
-        if bool(unmask_drawn(self.logits, rows, drawn).any()):
+        if unmask_drawn(self.logits, rows, drawn):
             logger.warning("tokenwise safety: verify drew a masked token as the bonus; the row's best kept instead")
             predict[rows] = drawn
 

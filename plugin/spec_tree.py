@@ -114,13 +114,14 @@ def force_in_parent_rows(logits: torch.Tensor, parent: torch.Tensor, tokens: tor
     return rows, saved
 
 
-def unmask_drawn(logits: torch.Tensor, rows: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+def unmask_drawn(logits: torch.Tensor, rows: torch.Tensor, drawn: torch.Tensor) -> int:
     """Where a verify kernel drew a token its (masked) row gives -inf, the row's best finite
-    token instead; returns which rows were replaced. Greedy never does this; SGLang's CUDA
+    token instead; returns how many were replaced (one host sync). Greedy never does this; SGLang's CUDA
     sampled verify does when the residual it samples the bonus from is empty (every
     candidate of the row was drafted and rejected, coin near 1): it falls back to token
     vocab-1 whatever its logit, which can be a vetoed one (bench/spec_verify_cuda.py)."""
     bad = torch.isneginf(logits[rows, drawn.long()])
-    if bool(bad.any()):
+    replaced = int(bad.sum())
+    if replaced:
         drawn[bad] = logits[rows[bad]].argmax(dim=-1).to(drawn.dtype)
-    return bad
+    return replaced

@@ -1,12 +1,13 @@
-"""How far the shipped probe's scores move between bfloat16 and float32 serving.
+"""How far a shipped probe's scores move between bfloat16 and float32 serving.
 
-    python bench/probe_dtype.py [--advbench 20] [--batch-size 16] [--limit N] [--out bench/results/probe_dtype.json]
+    python bench/probe_dtype.py [--model smollm2] [--advbench 20] [--batch-size 16] [--limit N]
+        [--out bench/results/probe_dtype.json]
 
-The probe (plugin/probes/gemma3-270m.json) was calibrated on bf16 hidden states;
+The probes (plugin/probes/<model>.json) were calibrated on bf16 hidden states;
 launch.server serves float32 on CPUs without native bf16. Prompts: every held-out prompt
 of calibration's own-answer kinds (the eval's benign and borderline suites, and prefill
 attacks forced to start with 12 words of a harmful answer) plus --advbench held-out plain
-AdvBench requests. Each gets a 32-token greedy answer, batched and left-padded as
+AdvBench requests. Each gets a greedy answer of calibration's length (calibrate.ANSWER_TOKENS), batched and left-padded as
 calibrate.own_answers does; features are the probe's layers at the last prompt token
 (position 0) and at each answer token, scored in float32 as the server scores them.
 
@@ -29,13 +30,13 @@ import numpy as np
 import torch
 
 from tokenwise_safety import calibrate, datasets
-from tokenwise_safety.bundled import PROBE_PATH, prepare
+from tokenwise_safety.bundled import DEFAULT_MODEL, MODELS, prepare, probe_path
 from tokenwise_safety.launch.server import choose_dtype, cpu_info
 from tokenwise_safety.probe import HarmProbe
 
 DTYPES = ("bfloat16", "float32")
 ANSWER = calibrate.ANSWER_TOKENS
-POSITIONS = (0, 1, 4, 8, 16, 32)  # reported one by one; 0 = last prompt token
+POSITIONS = tuple(p for p in (0, 1, 4, 8, 16, 32) if p <= ANSWER)  # reported one by one; 0 = last prompt token
 KINDS = ("everyday", "borderline", "prefill", "harmful_plain")
 
 
@@ -101,6 +102,7 @@ def diff_stats(a: np.ndarray, b: np.ndarray, threshold: float) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL, help="bundled model whose shipped probe is compared")
     ap.add_argument("--advbench", type=int, default=20, help="held-out plain AdvBench requests")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--limit", type=int, default=0, help="at most this many prompts per kind (0: all)")
@@ -108,8 +110,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     t0 = time.monotonic()
-    model_path = prepare()
-    probe = HarmProbe.load(PROBE_PATH)
+    model_path = prepare(args.model)
+    probe_file = probe_path(args.model)
+    probe = HarmProbe.load(probe_file)
     threshold, window = probe.threshold, probe.meta.window
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     models = {d: AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, d)).eval() for d in DTYPES}
@@ -142,7 +145,7 @@ def main(argv=None) -> None:
 
     name, flags = cpu_info()
     report = {
-        "model": str(model_path), "probe": str(PROBE_PATH), "threshold": threshold, "window": window,
+        "model": str(model_path), "probe": str(probe_file), "threshold": threshold, "window": window,
         "layers": probe.meta.layers, "calibrated_dtype": probe.meta.provenance.get("dtype"),
         "cpu": name, "cpu_serving_dtype": choose_dtype(flags)[0], "answer_tokens": ANSWER,
         "prompts": {k: len(v) for k, v in prompts.items()},
@@ -153,10 +156,10 @@ def main(argv=None) -> None:
         "shipped_heldout_requests_at_threshold": probe.meta.metrics.get("heldout_requests_at_threshold"),
         "seconds": round(time.monotonic() - t0),
     }
-    print(f"\nshipped probe {PROBE_PATH.name}: threshold {threshold:.4f}, window {window}, layers {probe.meta.layers}")
+    print(f"\nshipped probe {probe_file.name}: threshold {threshold:.4f}, window {window}, layers {probe.meta.layers}")
     print("\n|score(bf16) - score(float32)|, same tokens (the bf16 greedy answers)\n"
           "| positions | n | max | median | p99 | decision flips |\n|---|---|---|---|---|---|")
-    for label, s in [("all 0..32", every), *((f"{p}", by_position[p]) for p in map(str, POSITIONS))]:
+    for label, s in [(f"all 0..{ANSWER}", every), *((f"{p}", by_position[p]) for p in map(str, POSITIONS))]:
         print(f"| {label} | {s['n']} | {s['max']:.4f} | {s['median']:.6f} | {s['p99']:.4f} | {s['decision_flips']} |")
     print("\nrates at the shipped threshold\n| rate | bf16 as served | float32 as served | float32 on bf16 tokens |"
           "\n|---|---|---|---|")

@@ -34,6 +34,7 @@ from . import judge_fork
 
 ATTR = "_tokenwise_state"
 STOP_RECORD = "tokenwise_stop"  # finish-reason field carrying the closing intervention record
+LATE_RECORDS = "tokenwise_late"  # finish-reason field: final interventions no per-token entry could hold
 PROMPT, PENDING, RESAMPLE, MIDDLE = "prompt", "pending", "resample", "middle"
 STOP_MESSAGES = {
     "grammar": "tokenwise-safety: a harmful continuation was vetoed and the request's grammar "

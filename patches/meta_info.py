@@ -19,7 +19,7 @@ from tokenwise_safety.trace import (INTERVENTION_KEY, JUDGE_KEY, SUMMARY_KEY, TR
                                     judge_calls_of, redact_intervention, redact_judge_records, redact_summary,
                                     summarize)
 
-from .enforce import STOP_RECORD
+from .enforce import LATE_RECORDS, STOP_RECORD
 from .server_args import ATTR
 
 UPDATE_META = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info"
@@ -50,8 +50,9 @@ def after_update_meta(result, manager, meta_info, state, customized_info, index,
         return result
     entries = interventions_of(state.customized_info_accumulated.get(INTERVENTION_KEY))
     stop = finish_reason.pop(STOP_RECORD, None)  # a request the plugin ended: its closing record
+    late = finish_reason.pop(LATE_RECORDS, [])  # final interventions past SGLang's per-token cut
     judged = state.customized_info_accumulated.get(JUDGE_KEY)
-    summary = summarize(scores, policy["threshold"], policy["mode"], entries + ([stop] if stop else []),
+    summary = summarize(scores, policy["threshold"], policy["mode"], entries + late + ([stop] if stop else []),
                         config["window"], judge_calls_of(judged) if judged is not None else None)
     meta_info[SUMMARY_KEY] = summary
     if summary["first_over_threshold"] is not None:

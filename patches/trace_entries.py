@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tokenwise_safety.trace import INTERVENTION_KEY, JUDGE_KEY, TRACE_KEY
 
-from .enforce import state_of
+from .enforce import LATE_RECORDS, state_of
 from .spec_verify import SpliceList
 
 COLLECT_INFO = ("sglang.srt.managers.scheduler_components.batch_result_processor."
@@ -20,7 +20,7 @@ def after_collect_info(result, processor, i, req, logits_output, *a, **kw):
     _splice(req.customized_info)
     st = state_of(req)
     if st is not None and st.stop is None and req.finished():
-        _fold_final(req.customized_info, req.finished_len)
+        _send_with_finish(req, _fold_final(req.customized_info, req.finished_len))
     if st is None or not (st.vetoed_now or st.stop is not None):
         return result
     st.vetoed_now = False
@@ -41,14 +41,16 @@ def _splice(info: dict | None) -> None:
             values.extend(values.pop())
 
 
-def _fold_final(info: dict | None, kept: int | None) -> None:
+def _fold_final(info: dict | None, kept: int | None) -> list[dict]:
     """A held finish files the final position's records one step after the output's end,
     where SGLang's per-token lists are cut: they move into the last kept entry (an
-    intervention only when that entry has none; judge records always). Records about a
-    position past the output (a speculative step drafts beyond max_tokens) are dropped:
-    the client never gets that token."""
+    intervention only when that entry has none; judge records always). Returns the
+    interventions no entry can hold (the one before the last position's sits there).
+    Records about a position past the output (a speculative step drafts beyond
+    max_tokens) are dropped: the client never gets that token."""
+    late: list[dict] = []
     if not info or not kept:
-        return
+        return late
     for key in (INTERVENTION_KEY, JUDGE_KEY):
         values = info.get(key)
         tail = [_within(v, kept) for v in (values or [])[kept:]]
@@ -57,8 +59,20 @@ def _fold_final(info: dict | None, kept: int | None) -> None:
             continue
         if key == JUDGE_KEY:
             _add_judged(values, kept, [record for v in tail for record in v])
-        elif values[kept - 1] is None and len(tail) == 1:
-            values[kept - 1] = tail[0]
+        elif values[kept - 1] is None:
+            values[kept - 1], late = tail[0], tail[1:]
+        else:
+            late = tail
+    return late
+
+
+def _send_with_finish(req, records: list[dict]) -> None:
+    """Interventions past SGLang's per-token cut ride in the finish reason (like a stop's
+    closing record); patches/meta_info.py moves them into the summary."""
+    if not records:
+        return
+    to_json = req.finished_reason.to_json
+    req.finished_reason.to_json = lambda: {**to_json(), LATE_RECORDS: records}
 
 
 def _cut_at_stop(info: dict, kept: int) -> None:

@@ -393,3 +393,39 @@ def test_max_vetoes_pivots_although_candidates_remain(max_veto_server, shadow_se
     assert out["output_ids"][:at] == off[:at] and out["output_ids"][at:at + len(pivot)] == pivot
     first = out["meta_info"]["tokenwise_safety"]["interventions"][0]
     assert first["pivot"] and first["position"] == at and len(first["vetoed"]) == 1
+
+
+
+def interventions(out):
+    return out["meta_info"]["tokenwise_safety"]["interventions"]
+
+
+@pytest.fixture(scope="module")
+def back_to_back(tiny_model, tiny_probe, shadow_server, flagged, tmp_path_factory):
+    """A server flagging two ids, the second being the token that follows a replacement of
+    the first, so two consecutive positions are vetoed: (server, prompt, first position)."""
+    for prompt in PROMPTS:
+        out = gen(shadow_server, prompt, policy=ENFORCE).json()
+        ids = out["output_ids"]
+        for p in (x["position"] for x in interventions(out) if x["position"] + 1 < len(ids)):
+            if ids[p + 1] not in ids[:p + 1] + [flagged]:
+                log = tmp_path_factory.mktemp("logs") / "back_to_back.log"
+                flags = ["--safety-probe", str(tiny_probe), "--safety-scorer", f"token-ids:{flagged},{ids[p + 1]}",
+                         "--safety-mode", "enforce", "--safety-trace-detail", "full"]
+                with Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS, log_path=log) as server:
+                    yield server, prompt, p
+                return
+    pytest.fail("no replacement followed by a token absent before it")
+
+
+def test_interventions_at_the_last_two_positions_both_reach_the_summary(back_to_back):
+    """A held finish files the last position's intervention one entry past SGLang's
+    per-token cut, where the entry before holds the previous position's own: it rides in
+    the finish reason instead and the summary lists both, as a longer answer's does."""
+    server, prompt, first = back_to_back
+    long = gen(server, prompt).json()
+    assert {first, first + 1} <= {x["position"] for x in interventions(long)}
+    out = gen(server, prompt, n=first + 2).json()
+    assert out["output_ids"] == long["output_ids"][:first + 2]
+    assert interventions(out) == [x for x in interventions(long) if x["position"] <= first + 1]
+    assert set(out["meta_info"]["finish_reason"]) == {"type", "length"}

@@ -27,8 +27,25 @@ def test_records_past_the_output_are_dropped():
 def test_an_intervention_never_overwrites_one_already_kept():
     kept_one = dict(VETO, position=2)
     info = {INTERVENTION_KEY: [None, None, None, kept_one, VETO]}
-    _fold_final(info, kept=4)
+    assert _fold_final(info, kept=4) == [VETO]  # left for the finish reason to carry
     assert info[INTERVENTION_KEY][3] == kept_one
+
+
+def test_interventions_no_entry_holds_ride_in_the_finish_reason():
+    from sglang.srt.managers.schedule_batch import FINISH_LENGTH
+
+    from tokenwise_safety.patches.enforce import LATE_RECORDS
+    from tokenwise_safety.patches.trace_entries import _send_with_finish
+
+    class Req:
+        finished_reason = FINISH_LENGTH(length=4)
+    req = Req()
+    _send_with_finish(req, [VETO])
+    assert req.finished_reason.to_json() == {"type": "length", "length": 4, LATE_RECORDS: [VETO]}
+    plain = Req()
+    plain.finished_reason = FINISH_LENGTH(length=4)
+    _send_with_finish(plain, [])
+    assert plain.finished_reason.to_json() == {"type": "length", "length": 4}
 
 
 def test_a_stop_keeps_the_judge_passes_of_the_withheld_token():

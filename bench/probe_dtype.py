@@ -7,9 +7,10 @@ The probes (plugin/probes/<model>.json) were calibrated on bf16 hidden states;
 launch.server serves float32 on CPUs without native bf16. Prompts: every held-out prompt
 of calibration's own-answer kinds (the eval's benign and borderline suites, and prefill
 attacks forced to start with 12 words of a harmful answer) plus --advbench held-out plain
-AdvBench requests. Each gets a greedy answer of calibration's length (calibrate.ANSWER_TOKENS), batched and left-padded as
-calibrate.own_answers does; features are the probe's layers at the last prompt token
-(position 0) and at each answer token, scored in float32 as the server scores them.
+AdvBench requests. Each gets a greedy answer of calibration's length
+(calibrate.ANSWER_TOKENS), batched and left-padded as calibrate.own_answers does;
+features are the probe's layers at the last prompt token (position 0) and at each answer
+token, scored in float32 as the server scores them.
 
 1. Same tokens: the bf16 answers run through the model in both dtypes; |score difference|
    at every position, and how many per-position decisions flip.
@@ -102,7 +103,8 @@ def diff_stats(a: np.ndarray, b: np.ndarray, threshold: float) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL, help="bundled model whose shipped probe is compared")
+    ap.add_argument("--model", choices=MODELS, default=DEFAULT_MODEL,
+                    help="bundled model whose shipped probe is compared")
     ap.add_argument("--advbench", type=int, default=20, help="held-out plain AdvBench requests")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--limit", type=int, default=0, help="at most this many prompts per kind (0: all)")

@@ -3,7 +3,7 @@ tokens the client gets: a vetoed token's entries are dropped, a request the plug
 keeps one score per emitted token."""
 from __future__ import annotations
 
-from tokenwise_safety.trace import INTERVENTION_KEY, JUDGE_KEY, TRACE_KEY
+from tokenwise_safety.trace import INTERVENTION_KEY, JUDGE_KEY, TRACE_KEY, judge_calls_of
 
 from .enforce import LATE_RECORDS, state_of
 from .spec_verify import SpliceList
@@ -58,7 +58,7 @@ def _fold_final(info: dict | None, kept: int | None) -> list[dict]:
         if not tail:
             continue
         if key == JUDGE_KEY:
-            _add_judged(values, kept, [record for v in tail for record in v])
+            _add_judged(values, kept, judge_calls_of(tail))
         elif values[kept - 1] is None:
             values[kept - 1], late = tail[0], tail[1:]
         else:
@@ -81,7 +81,7 @@ def _cut_at_stop(info: dict, kept: int) -> None:
     of being cut with it; with no token emitted there is no entry to keep them."""
     judged = info.get(JUDGE_KEY)
     if judged and kept:
-        _add_judged(judged, kept, [record for v in judged[kept:] if v for record in v])
+        _add_judged(judged, kept, judge_calls_of(judged[kept:]))
     for key in (TRACE_KEY, INTERVENTION_KEY, JUDGE_KEY):
         if info.get(key) is not None:
             del info[key][kept:]

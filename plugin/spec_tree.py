@@ -116,8 +116,8 @@ def force_in_parent_rows(logits: torch.Tensor, parent: torch.Tensor, tokens: tor
 
 def unmask_drawn(logits: torch.Tensor, rows: torch.Tensor, drawn: torch.Tensor) -> int:
     """Where a verify kernel drew a token its (masked) row gives -inf, the row's best finite
-    token instead; returns how many were replaced (one host sync). Greedy never does this; SGLang's CUDA
-    sampled verify does when the residual it samples the bonus from is empty (every
+    token instead; returns how many were replaced (one host sync). Greedy never does this;
+    SGLang's CUDA sampled verify does when the residual it samples the bonus from is empty (every
     candidate of the row was drafted and rejected, coin near 1): it falls back to token
     vocab-1 whatever its logit, which can be a vetoed one (bench/spec_verify_cuda.py)."""
     bad = torch.isneginf(logits[rows, drawn.long()])

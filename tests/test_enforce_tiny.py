@@ -94,13 +94,17 @@ def assert_trace_positions(out, flagged, prompt_score=0.0):
     """Position by position: harm_score[0] is the prompt's score and harm_score[j] the
     score of output token j-1 (none of them flagged after enforcement: all 0.0);
     harm_intervention[j] is the record of output position j-1, filed when its token was
-    committed (the replacement's state scored)."""
+    committed (the replacement's state scored); the last position's record, filed past
+    the list's end, moves to the last index when that is free (README, harm trace)."""
     ids, meta = out["output_ids"], out["meta_info"]
     assert meta["harm_score"] == [prompt_score] + [float(t == flagged) for t in ids[:-1]]
     records = {x["position"]: x for x in meta["tokenwise_safety"]["interventions"]}
     committed = {j - 1: e for j, e in enumerate(meta["harm_intervention"]) if e}
-    last = len(ids) - 1  # the last token is never scored: its record, if any, is still open
-    assert committed == {p: x for p, x in records.items() if p < last}
+    last = len(ids) - 1  # the per-token list ends at index `last`, which holds position last-1
+    expected = {p: x for p, x in records.items() if p < last}
+    if last in records and last - 1 not in records:
+        expected[last - 1] = records[last]  # the last position's record moves to the last index
+    assert committed == expected
     for p, x in records.items():
         assert x["vetoed"] and all(v["token"] == flagged and v["score"] == 1.0 for v in x["vetoed"])
 
@@ -121,6 +125,8 @@ def test_a_finishing_token_is_scored_before_the_request_ends(shadow_server, tiny
     assert len(out["output_ids"]) == n and flagged not in out["output_ids"]
     assert out["output_ids"][:-1] == off[:n - 1]
     assert out["meta_info"]["finish_reason"]["type"] == "length"
+    assert [x["position"] for x in out["meta_info"]["tokenwise_safety"]["interventions"]] == [n - 1]
+    assert_trace_positions(out, flagged)  # the last position's record sits at the last index
 
 
 def test_stream_never_sends_a_vetoed_token(shadow_server, flagged):

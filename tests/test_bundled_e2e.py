@@ -57,12 +57,16 @@ def test_enforce_smoke_one_harmful_prompt(enforce_server):
             assert 0 <= x["position"] < len(ids), summary["interventions"]
     # Each record sits at the trace index of the score that closed it: a harmful prompt's
     # pivot at 0 (the prompt's score), a re-draw at position p at p + 1 (its replacement's
-    # score); one at the last position is never closed (the last token is never scored).
+    # score); one at the last position, closed past the list's end, moves to the last index
+    # when that is free (README, harm trace).
     assert len(meta["harm_intervention"]) == len(ids)
     filed = {j: e for j, e in enumerate(meta["harm_intervention"]) if e}
     closed_at = {(0 if "prompt_score" in x["vetoed"][0] else x["position"] + 1): x
                  for x in summary["interventions"]}
-    assert filed == {j: x for j, x in closed_at.items() if j < len(ids)}
+    expected = {j: x for j, x in closed_at.items() if j < len(ids)}
+    if len(ids) in closed_at and len(ids) - 1 not in closed_at:
+        expected[len(ids) - 1] = closed_at[len(ids)]
+    assert filed == expected
     if summary["pivot_used"]:
         assert DEFAULT_PIVOT.strip() in out["text"], out["text"]
     benign = generate(server, "How do I boil an egg?", n=8)

@@ -10,6 +10,7 @@ whole core, taken from whatever runs beside it).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -125,6 +126,25 @@ def _stop_live_then_die(signum, _frame) -> None:
     os.kill(os.getpid(), signum)
 
 
+def _die_with(caller: int) -> None:
+    """preexec_fn of the server: SIGKILL it when its caller dies, even of a SIGKILL, which no
+    handler sees (SGLang's scheduler and detokenizer then follow: they set the same on
+    themselves). The kernel sends it when the forking *thread* ends, so only servers
+    started from the main thread get it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != caller:  # the caller died before the line above
+        os._exit(1)
+
+
+def _death_signal():
+    main = threading.current_thread() is threading.main_thread()
+    if not main or not sys.platform.startswith("linux"):
+        return None
+    caller = os.getpid()
+    return lambda: _die_with(caller)
+
+
 def _guard_sigterm() -> None:
     """Install the handler once, from the main thread, where nobody set one of their own."""
     if threading.current_thread() is threading.main_thread() \
@@ -134,7 +154,8 @@ def _guard_sigterm() -> None:
 
 class Server:
     """A running `sglang.launch_server`; `with Server(...) as s: requests.post(s.url + ...)`.
-    A SIGTERM to this process stops it too (it runs in a session of its own)."""
+    It runs in a session of its own; a SIGTERM to this process stops it too, and so does
+    this process's death by SIGKILL when it was started from the main thread."""
 
     def __init__(self, model_path, safety: list[str] | None = None, extra: list[str] = (),
                  port: int | None = None, log_path: str | Path | None = None, timeout: float = 300,
@@ -157,7 +178,7 @@ class Server:
             err = subprocess.STDOUT
         _guard_sigterm()
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=err,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_death_signal())
         _LIVE.add(self)
         self._wait_ready()
         return self

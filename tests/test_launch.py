@@ -180,9 +180,25 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_sigterm_to_the_caller_stops_its_servers(tiny_model, tmp_path):
+def _group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group: the server and SGLang's children."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().split(")")[-1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_the_callers_death_stops_its_servers(tiny_model, tmp_path, sig):
     """Servers run in sessions of their own, so a bench or test run killed by SIGTERM (a CI
-    timeout, `kill`) left them serving; now the caller stops them, then dies of the signal."""
+    timeout, `kill`) left them serving: now the caller stops them, then dies of the signal.
+    A SIGKILL reaches no handler: the kernel kills the server (the parent-death signal set
+    at its start) and SGLang's children follow."""
     script = (f"import time\nfrom tokenwise_safety.launch.server import Server\n"
               f"s = Server({str(tiny_model)!r}, safety=None, extra=['--dtype', 'float32'], "
               f"log_path={str(tmp_path / 'term.log')!r}).start()\n"
@@ -190,13 +206,13 @@ def test_a_sigterm_to_the_caller_stops_its_servers(tiny_model, tmp_path):
     caller = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     pid = int(caller.stdout.readline())
     try:
-        assert _alive(pid)
-        caller.send_signal(signal.SIGTERM)
-        assert caller.wait(timeout=90) == -signal.SIGTERM
+        assert _alive(pid) and len(_group(pid)) >= 3  # launcher, scheduler, detokenizer
+        caller.send_signal(sig)
+        assert caller.wait(timeout=90) == -sig
         deadline = time.monotonic() + 30
-        while _alive(pid) and time.monotonic() < deadline:
+        while _group(pid) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _alive(pid)
+        assert not _group(pid)
     finally:
         caller.kill()
         try:

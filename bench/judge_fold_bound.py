@@ -1,6 +1,6 @@
 """How far folding the judge rows into the decode forward could lift self-judging throughput.
 
-    python bench/judge_fold_bound.py [--model qwen-1.5b] [--batch 4] [--reps 20]
+    python bench/judge_fold_bound.py [--model qwen-1.5b] [--reps 20]
 
 A judge pass now runs as a forward of its own beside the decode step. Folding its rows into
 the next decode forward would save that forward's fixed cost (weights read again, Python,
@@ -9,9 +9,9 @@ shapes, the served dtype, the path the server takes: oneDNN-packed float32 or F.
 bfloat16, the server's thread count) for the decode rows alone (B), the judge rows alone (J = B x suffix tokens) and
 both in one call (B + J), and takes the marginal cost of a judge token inside a shared call,
 (T(B+J) - T(B)) / J x layers. Set against the last self_judge.py run on this model
-(bench/results/self_judge-<model>.json: plugin-off seconds per run and judge tokens per run of
-the every-16 shadow configuration), it bounds the throughput ratio a perfect fold could
-reach: off / (off + judge tokens x marginal cost). Attention over the prefix and the LM head
+(bench/results/self_judge-<model>.json: seconds per run with judging off, i.e. probe-only
+enforce, and judge tokens per run of the every-16 shadow configuration), it bounds the
+throughput ratio a perfect fold could reach: off / (off + judge tokens x marginal cost). Attention over the prefix and the LM head
 are left out, so the real ceiling is lower still. Prints a table and writes JSON.
 """
 from __future__ import annotations
@@ -65,7 +65,6 @@ def layer_timer(shapes, dtype: torch.dtype):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen-1.5b")
-    ap.add_argument("--batch", type=int, default=4, help="decode rows (self_judge.py's --batch)")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
     run = json.loads((OUT / f"self_judge-{args.model}.json").read_text())
@@ -75,7 +74,8 @@ def main(argv=None) -> None:
     threads = int(server_env().get("OMP_NUM_THREADS", torch.get_num_threads()))
     torch.set_num_threads(threads)  # as many as the server's forward uses
     seconds = layer_timer(layer_shapes(config), getattr(torch, dtype_name))
-    b, j, layers = args.batch, args.batch * cost["suffix_tokens"], config["num_hidden_layers"]
+    b = run["args"]["batch"]  # decode rows, as in that run
+    j, layers = b * cost["suffix_tokens"], config["num_hidden_layers"]
     t = {m: seconds(m, args.reps) for m in (b, j, b + j)}
     per_token = (t[b + j] - t[b]) / j * layers
     runs = len(tp["judge_every16"]["tok_s"])
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     for m, v in t.items():
         print(f"| {m} | {v * 1e3:.2f} |")
     print(f"judge token inside a shared call: {per_token * 1e3:.2f} ms (all layers' linears)")
-    print(f"every-16 shadow: off {off_s:.1f} s a run, {judge_tokens:.0f} judge tokens a run; measured ratio "
+    print(f"every-16 shadow: judging off {off_s:.1f} s a run, {judge_tokens:.0f} judge tokens a run; measured ratio "
           f"{tp['ratio_every16_off']}, ceiling with a perfect fold {bound:.3f}")
     OUT.mkdir(exist_ok=True)
     out = OUT / f"judge_fold_bound-{args.model}.json"

@@ -126,23 +126,30 @@ def _stop_live_then_die(signum, _frame) -> None:
     os.kill(os.getpid(), signum)
 
 
-def _die_with(caller: int) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(prctl, caller: int) -> None:
     """preexec_fn of the server: SIGKILL it when its caller dies, even of a SIGKILL, which no
     handler sees (SGLang's scheduler and detokenizer then follow: they set the same on
-    themselves). The kernel sends it when the forking *thread* ends, so only servers
-    started from the main thread get it."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    themselves). Only a call between fork and exec: prctl was looked up before the fork."""
+    prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL))
     if os.getppid() != caller:  # the caller died before the line above
         os._exit(1)
 
 
 def _death_signal():
-    main = threading.current_thread() is threading.main_thread()
-    if not main or not sys.platform.startswith("linux"):
+    """The preexec_fn that ties a server to this process, or None where it cannot: off Linux,
+    without a prctl to call, and off the main thread (the kernel sends the signal when the
+    forking *thread* ends, so a server started from a worker thread would die with it)."""
+    if threading.current_thread() is not threading.main_thread() or not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
         return None
     caller = os.getpid()
-    return lambda: _die_with(caller)
+    return lambda: _die_with(prctl, caller)
 
 
 def _guard_sigterm() -> None:

@@ -26,7 +26,7 @@ def after_collect_info(result, processor, i, req, logits_output, *a, **kw):
     st.vetoed_now = False
     info = req.customized_info or {}
     if st.stop is not None and req.finished():
-        _cut_at_stop(info, req.finished_len)
+        _send_with_finish(req, _cut_at_stop(info, req.finished_len))
         return result
     for values in (info.get(key) for key in (TRACE_KEY, INTERVENTION_KEY, JUDGE_KEY)):
         if values:
@@ -48,22 +48,24 @@ def _fold_final(info: dict | None, kept: int | None) -> list[dict]:
     interventions no entry can hold (the one before the last position's sits there).
     Records about a position past the output (a speculative step drafts beyond
     max_tokens) are dropped: the client never gets that token."""
-    late: list[dict] = []
     if not info or not kept:
-        return late
-    for key in (INTERVENTION_KEY, JUDGE_KEY):
-        values = info.get(key)
-        tail = [_within(v, kept) for v in (values or [])[kept:]]
-        tail = [v for v in tail if v]
-        if not tail:
-            continue
-        if key == JUDGE_KEY:
-            _add_judged(values, kept, judge_calls_of(tail))
-        elif values[kept - 1] is None:
-            values[kept - 1], late = tail[0], tail[1:]
-        else:
-            late = tail
-    return late
+        return []
+    judged = [_within(v, kept) for v in (info.get(JUDGE_KEY) or [])[kept:]]
+    if any(judged):
+        _add_judged(info[JUDGE_KEY], kept, judge_calls_of(judged))
+    return _fold_interventions(info, kept)
+
+
+def _fold_interventions(info: dict, kept: int) -> list[dict]:
+    """Interventions about output positions filed past the cut at `kept`: the first moves
+    into the last kept entry when that has none; the rest are returned (late)."""
+    values = info.get(INTERVENTION_KEY)
+    tail = [v for v in (_within(v, kept) for v in (values or [])[kept:]) if v]
+    if not tail:
+        return []
+    if values[kept - 1] is None:
+        values[kept - 1], tail = tail[0], tail[1:]
+    return tail
 
 
 def _send_with_finish(req, records: list[dict]) -> None:
@@ -75,16 +77,23 @@ def _send_with_finish(req, records: list[dict]) -> None:
     req.finished_reason.to_json = lambda: {**to_json(), LATE_RECORDS: records}
 
 
-def _cut_at_stop(info: dict, kept: int) -> None:
+def _cut_at_stop(info: dict, kept: int) -> list[dict]:
     """A request the plugin ended keeps one entry per emitted token. The judge passes of the
     withheld token's step (often the reason it ended) move into the last kept entry instead
-    of being cut with it; with no token emitted there is no entry to keep them."""
+    of being cut with it, and so does the last emitted position's intervention (filed past
+    the cut, like a held finish's); with no token emitted there is no entry to keep them.
+    Returns the interventions no kept entry can hold. The closing record itself (about the
+    withheld position) travels in the finish reason."""
+    late = []
     judged = info.get(JUDGE_KEY)
     if judged and kept:
         _add_judged(judged, kept, judge_calls_of(judged[kept:]))
+    if kept:
+        late = _fold_interventions(info, kept)
     for key in (TRACE_KEY, INTERVENTION_KEY, JUDGE_KEY):
         if info.get(key) is not None:
             del info[key][kept:]
+    return late
 
 
 def _add_judged(values: list, kept: int, records: list) -> None:

@@ -23,6 +23,7 @@ from test_server_tiny import PROMPTS, _metric, generate
 
 RADIX_FLAGS = [f for f in TINY_SERVER_FLAGS if f != "--disable-radix-cache"]
 X_ID = 93  # the tiny vocabulary's only entry that decodes to "x"
+A_ID, B_ID = 70, 71  # and to "a", "b"
 
 
 @pytest.fixture(scope="module")
@@ -75,29 +76,62 @@ def test_retraction_and_mixed_chunks_keep_enforcement_exact(radix_server, offlin
         assert_trace_positions(out, flagged)
 
 
-def test_a_grammar_with_no_candidate_left_ends_that_request_only(tiny_model, tiny_probe,
-                                                                  tmp_path_factory):
+@pytest.fixture(scope="module")
+def grammar_server(tiny_model, tiny_probe, tmp_path_factory):
+    """Flags "a" and "x" (each one token of the tiny vocabulary)."""
+    log = tmp_path_factory.mktemp("logs") / "grammar.log"
+    flags = ["--safety-probe", str(tiny_probe), "--safety-scorer", f"token-ids:{A_ID},{X_ID}",
+             "--safety-trace-detail", "full"]
+    with Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS, log_path=log) as server:
+        server.log = log
+        yield server
+
+
+def test_a_grammar_with_no_candidate_left_ends_that_request_only(grammar_server):
     """A regex that allows only "x", and "x" is flagged: after the veto nothing the
     grammar allows remains. The request ends with content_filter (it used to crash the
     scheduler in torch.multinomial); greedy and sampled; the server keeps serving."""
-    log = tmp_path_factory.mktemp("logs") / "grammar.log"
-    flags = ["--safety-probe", str(tiny_probe), "--safety-scorer", f"token-ids:{X_ID}",
-             "--safety-trace-detail", "full"]
-    with Server(tiny_model, safety=flags, extra=TINY_SERVER_FLAGS, log_path=log) as server:
-        for temperature in (0, 1.0):
-            body = {"text": "Say x:", "sampling_params": {"max_new_tokens": 4, "temperature": temperature,
-                                                           "regex": "x", **ENFORCE}}
-            r = requests.post(server.url + "/generate", json=body, timeout=120)
-            assert r.status_code == 200, r.text
-            out = r.json()
-            assert out["output_ids"] == [] and out["text"] == ""
-            reason = out["meta_info"]["finish_reason"]
-            assert reason["type"] == "content_filter" and reason["reason"] == "grammar"
-            stop = out["meta_info"]["tokenwise_safety"]["interventions"][-1]
-            assert stop["stop"] == "grammar" and stop["position"] == 0
-            assert stop["vetoed"] == [{"token": X_ID, "score": 1.0}]
-        assert generate(server, "Hello", n=3)["meta_info"]["finish_reason"]["type"] == "length"
-        assert "Traceback" not in log.read_text()
+    server = grammar_server
+    for temperature in (0, 1.0):
+        body = {"text": "Say x:", "sampling_params": {"max_new_tokens": 4, "temperature": temperature,
+                                                       "regex": "x", **ENFORCE}}
+        r = requests.post(server.url + "/generate", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["output_ids"] == [] and out["text"] == ""
+        reason = out["meta_info"]["finish_reason"]
+        assert reason["type"] == "content_filter" and reason["reason"] == "grammar"
+        stop = out["meta_info"]["tokenwise_safety"]["interventions"][-1]
+        assert stop["stop"] == "grammar" and stop["position"] == 0
+        assert stop["vetoed"] == [{"token": X_ID, "score": 1.0}]
+    assert generate(server, "Hello", n=3)["meta_info"]["finish_reason"]["type"] == "length"
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_a_redraw_right_before_a_stop_stays_in_the_summary(grammar_server):
+    """Regex "[ab]x": a sampled "a" is re-drawn to "b", then "x", the only token left, is
+    vetoed and the request ends. The re-draw at the last emitted position is filed one
+    entry past the cut the stop makes, so it must be folded back, not cut with the rest
+    (it was lost before)."""
+    redrawn, vetoes = 0, _metric(grammar_server, "tokenwise_safety_vetoes_total")
+    for seed in range(16):
+        body = {"text": "Say ax or bx:", "sampling_params": {
+            "max_new_tokens": 4, "temperature": 1.0, "sampling_seed": seed, "regex": "[ab]x", **ENFORCE}}
+        out = requests.post(grammar_server.url + "/generate", json=body, timeout=120).json()
+        assert out["output_ids"] == [B_ID] and out["meta_info"]["finish_reason"]["reason"] == "grammar"
+        records = out["meta_info"]["tokenwise_safety"]["interventions"]
+        stop = {"position": 1, "vetoed": [{"token": X_ID, "score": 1.0}], "replacement": None,
+                "pivot": False, "stop": "grammar"}
+        if len(records) == 2:
+            redrawn += 1
+            assert records == [{"position": 0, "vetoed": [{"token": A_ID, "score": 1.0}], "replacement": B_ID,
+                                "pivot": False, "stop": None}, stop]
+            assert out["meta_info"]["tokenwise_safety"]["num_vetoes"] == 2
+        else:
+            assert records == [stop]
+    # the vetoes counter sees every veto (16 of "x", one per "a"), whatever the trace says
+    assert redrawn == _metric(grammar_server, "tokenwise_safety_vetoes_total") - vetoes - 16
+    assert redrawn, "no seed sampled the flagged 'a'"
 
 
 # ---- --safety-on-error ---------------------------------------------------------------

@@ -61,3 +61,18 @@ def test_a_stop_keeps_the_judge_passes_of_the_withheld_token():
     nothing_emitted = {TRACE_KEY: [0.99], JUDGE_KEY: [[{"position": 0}]]}
     _cut_at_stop(nothing_emitted, kept=0)
     assert nothing_emitted == {TRACE_KEY: [], JUDGE_KEY: []}
+
+
+def test_a_stop_folds_the_last_emitted_positions_intervention():
+    """The plugin ends the request at position 3: position 2's re-draw, filed at entry 3
+    (where its replacement was scored), moves into entry 2 instead of being cut; where
+    entry 2 already holds position 1's record it is returned, for the finish reason."""
+    from tokenwise_safety.patches.trace_entries import _cut_at_stop
+    redraw, before = dict(VETO, position=2), dict(VETO, position=1)
+    stop = dict(VETO, position=3, replacement=None, stop="grammar")
+    info = {INTERVENTION_KEY: [None, None, None, redraw, stop]}
+    assert _cut_at_stop(info, kept=3) == []
+    assert info[INTERVENTION_KEY] == [None, None, redraw]
+    both = {INTERVENTION_KEY: [None, None, before, redraw, stop]}
+    assert _cut_at_stop(both, kept=3) == [redraw]
+    assert both[INTERVENTION_KEY] == [None, None, before]

@@ -130,7 +130,8 @@ def start_replica(config: dict, model: str, probe: Path, mode: str, port: int) -
     server = Server(model, safety=["--safety-probe", str(probe), "--safety-mode", mode],
                     extra=["--enable-metrics", "--served-model-name", config.get("served_model_name", "default"),
                            *config.get("server_args", [])], port=port,
-                    log_path=logs / f"replica-{port}.log", timeout=900).start()
+                    log_path=logs / f"replica-{port}.log", timeout=900,
+                    dies_with_caller=False).start()  # outlives `fleet up`: the state file has its PID
     info = requests.get(server.url + "/tokenwise/info", timeout=30).json()
     if info["mode"] != mode or info["probe_sha256"] != config["probe"]["sha256"]:
         stop_group(server.proc.pid, 30)

@@ -162,11 +162,13 @@ def _guard_sigterm() -> None:
 class Server:
     """A running `sglang.launch_server`; `with Server(...) as s: requests.post(s.url + ...)`.
     It runs in a session of its own; a SIGTERM to this process stops it too, and so does
-    this process's death by SIGKILL when it was started from the main thread."""
+    this process's death by SIGKILL when it was started from the main thread (unless
+    dies_with_caller=False: a fleet replica outlives `fleet up`)."""
 
     def __init__(self, model_path, safety: list[str] | None = None, extra: list[str] = (),
                  port: int | None = None, log_path: str | Path | None = None, timeout: float = 300,
-                 inherit_output: bool = False, env: dict | None = None, sleep_on_idle: bool = True):
+                 inherit_output: bool = False, env: dict | None = None, sleep_on_idle: bool = True,
+                 dies_with_caller: bool = True):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = server_command(model_path, self.port, safety, extra, sleep_on_idle)
@@ -176,6 +178,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.inherit_output = inherit_output
         self.env = {**server_env(), **(env or {})}
+        self.dies_with_caller = dies_with_caller  # False: a daemon another command stops by PID
 
     def start(self) -> "Server":
         if self.inherit_output:
@@ -185,7 +188,8 @@ class Server:
             err = subprocess.STDOUT
         _guard_sigterm()
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=out, stderr=err,
-                                     start_new_session=True, preexec_fn=_death_signal())
+                                     start_new_session=True,
+                                     preexec_fn=_death_signal() if self.dies_with_caller else None)
         _LIVE.add(self)
         self._wait_ready()
         return self

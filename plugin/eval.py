@@ -209,7 +209,9 @@ def evaluate(targets: list[Target], suites: dict, max_tokens: int, concurrency: 
             per_suite[name] = {"stats": stats, "samples": [
                 {**{k: c[k] for k in ("request", "prefill")},
                  **{k: r[k] for k in ("text", "first_intervention", "error") if k in r}}
-                for c, r in list(zip(cases, results))[:5]]}
+                for c, r in list(zip(cases, results))[:5]],
+                # case by case, in the suite's order, so two reports on the same cases compare
+                "first_interventions": [r.get("first_intervention") for r in results]}
         report["targets"][target.name] = {"url": target.url, "policy": target.policy, "suites": per_suite}
     report["benign_throughput_vs_off"] = throughput_ratios(targets, suites.get("benign", []), max_tokens,
                                                            concurrency, throughput_rounds)

@@ -50,6 +50,12 @@ def test_live_run_writes_reports(tiny_server, tiny_server_off, tmp_path):
         assert off["n"] + off["errors"] == 3
         if off["n"]:
             assert off["intervention_rate"] == 0.0 and off["decode_tok_s"] > 0
+    for target in report["targets"].values():  # every case's first intervention, not only the samples'
+        for suite in target["suites"].values():
+            stats, firsts = suite["stats"], suite["first_interventions"]
+            assert len(firsts) == 3
+            if stats["n"]:
+                assert sum(x is not None for x in firsts) == round(stats["intervention_rate"] * stats["n"])
     # the tiny model's 1024-token context rejects long jailbreak templates: counted as errors
     assert report["targets"]["off"]["suites"]["benign"]["stats"]["errors"] == 0
     assert report["targets"]["enforce"]["policy"] == {"mode": "enforce"}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from tokenwise_safety.bundled import prepare
 from tokenwise_safety.launch.server import server_env, serving_dtype
 from tokenwise_safety.patches.cpu_packed_linear import blocked_copy, linear
 
+from packed_linear import timed
 from throughput import machine
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -40,7 +40,7 @@ def layer_shapes(config: dict) -> list[tuple[int, int]]:
 
 
 def layer_timer(shapes, dtype: torch.dtype):
-    """seconds(m): median time of one layer's linears over m rows, as the server multiplies."""
+    """ms(m, reps): median time of one layer's linears over m rows, as the server multiplies."""
     torch.manual_seed(0)
     weights = [(torch.randn(o, i) * 0.02).to(dtype) for o, i in shapes]
     if dtype == torch.float32:  # the packed-linear seam's path
@@ -49,17 +49,10 @@ def layer_timer(shapes, dtype: torch.dtype):
     else:
         mul = torch.nn.functional.linear
 
-    def seconds(m: int, reps: int) -> float:
+    def ms(m: int, reps: int) -> float:
         xs = [torch.randn(m, i).to(dtype) for _, i in shapes]
-        times = []
-        for k in range(reps + 3):
-            start = time.perf_counter()
-            for x, w in zip(xs, weights):
-                mul(x, w)
-            if k >= 3:
-                times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-    return seconds
+        return timed(lambda: [mul(x, w) for x, w in zip(xs, weights)], reps)
+    return ms
 
 
 def main(argv=None) -> None:
@@ -73,13 +66,13 @@ def main(argv=None) -> None:
     dtype_name, why = serving_dtype()
     threads = int(server_env().get("OMP_NUM_THREADS", torch.get_num_threads()))
     torch.set_num_threads(threads)  # as many as the server's forward uses
-    seconds = layer_timer(layer_shapes(config), getattr(torch, dtype_name))
+    ms = layer_timer(layer_shapes(config), getattr(torch, dtype_name))
     b = run["args"]["batch"]  # decode rows, as in that run
     j, layers = b * cost["suffix_tokens"], config["num_hidden_layers"]
-    t = {m: seconds(m, args.reps) for m in (b, j, b + j)}
+    t = {m: ms(m, args.reps) / 1e3 for m in (b, j, b + j)}  # seconds
     per_token = (t[b + j] - t[b]) / j * layers
     runs = len(tp["judge_every16"]["tok_s"])
-    tokens = run["args"]["batch"] * run["args"]["tokens"]
+    tokens = b * run["args"]["tokens"]
     off_s = tokens / tp["judge_off"]["median"]
     judge_tokens = tp["judge_every16"]["judge_tokens"] / runs
     measured_s = tokens / tp["judge_every16"]["median"]

@@ -50,9 +50,8 @@ def _fold_final(info: dict | None, kept: int | None) -> list[dict]:
     max_tokens) are dropped: the client never gets that token."""
     if not info or not kept:
         return []
-    judged = [_within(v, kept) for v in (info.get(JUDGE_KEY) or [])[kept:]]
-    if any(judged):
-        _add_judged(info[JUDGE_KEY], kept, judge_calls_of(judged))
+    judged = info.get(JUDGE_KEY)
+    _add_judged(judged, kept, judge_calls_of(_within(v, kept) for v in (judged or [])[kept:]))
     return _fold_interventions(info, kept)
 
 
@@ -85,10 +84,9 @@ def _cut_at_stop(info: dict, kept: int) -> list[dict]:
     Returns the interventions no kept entry can hold. The closing record itself (about the
     withheld position) travels in the finish reason."""
     late = []
-    judged = info.get(JUDGE_KEY)
-    if judged and kept:
-        _add_judged(judged, kept, judge_calls_of(judged[kept:]))
     if kept:
+        judged = info.get(JUDGE_KEY)
+        _add_judged(judged, kept, judge_calls_of((judged or [])[kept:]))
         late = _fold_interventions(info, kept)
     for key in (TRACE_KEY, INTERVENTION_KEY, JUDGE_KEY):
         if info.get(key) is not None:

@@ -401,7 +401,6 @@ def test_max_vetoes_pivots_although_candidates_remain(max_veto_server, shadow_se
     assert first["pivot"] and first["position"] == at and len(first["vetoed"]) == 1
 
 
-
 def interventions(out):
     return out["meta_info"]["tokenwise_safety"]["interventions"]
 

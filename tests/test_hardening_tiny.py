@@ -113,6 +113,8 @@ def test_a_redraw_right_before_a_stop_stays_in_the_summary(grammar_server):
     vetoed and the request ends. The re-draw at the last emitted position is filed one
     entry past the cut the stop makes, so it must be folded back, not cut with the rest
     (it was lost before)."""
+    stop = {"position": 1, "vetoed": [{"token": X_ID, "score": 1.0}], "replacement": None,
+            "pivot": False, "stop": "grammar"}
     redrawn, vetoes = 0, _metric(grammar_server, "tokenwise_safety_vetoes_total")
     for seed in range(16):
         body = {"text": "Say ax or bx:", "sampling_params": {
@@ -120,8 +122,6 @@ def test_a_redraw_right_before_a_stop_stays_in_the_summary(grammar_server):
         out = requests.post(grammar_server.url + "/generate", json=body, timeout=120).json()
         assert out["output_ids"] == [B_ID] and out["meta_info"]["finish_reason"]["reason"] == "grammar"
         records = out["meta_info"]["tokenwise_safety"]["interventions"]
-        stop = {"position": 1, "vetoed": [{"token": X_ID, "score": 1.0}], "replacement": None,
-                "pivot": False, "stop": "grammar"}
         if len(records) == 2:
             redrawn += 1
             assert records == [{"position": 0, "vetoed": [{"token": A_ID, "score": 1.0}], "replacement": B_ID,
